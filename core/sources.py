@@ -1,0 +1,178 @@
+"""Uploaded bytes with their names: expanding zips in memory and reading paths for the CLI.
+
+Inputs to ``core`` are plain ``Source(name, data)`` values, never Streamlit
+objects or open files. Names are only labels: nothing here writes to disk, and a
+name inside a zip is never used as a path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from core.errors import LimitError, UnsupportedFileError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps checked before anything is allocated. Defaults suit a 24 GiB, 2-core server."""
+
+    max_total_bytes: int = 4 * 1024**3  # all uncompressed inputs of one upload together
+    max_archive_members: int = 20_000
+    max_compression_ratio: float = 200.0  # per zip member; CT zips deflate ~3x, bombs 1000x
+    max_voxels: int = 1_100_000_000  # a 512x512x4000 int16 CT is 1.05e9 voxels (2 GB)
+    max_nesting: int = 2  # zip inside zip
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """One uploaded file: a display name (relative path inside the upload) and its bytes."""
+
+    name: str
+    data: bytes
+
+    @property
+    def basename(self) -> str:
+        return PurePosixPath(self.name.replace("\\", "/")).name
+
+    @property
+    def suffix(self) -> str:
+        """Lower-case suffix, with the double suffixes we care about (".nii.gz")."""
+        lower = self.basename.lower()
+        for double in (".nii.gz", ".nrrd.gz", ".hdr.gz", ".img.gz"):
+            if lower.endswith(double):
+                return double
+        return PurePosixPath(lower).suffix
+
+
+def is_zip(data: bytes) -> bool:
+    return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def expand_sources(sources: Iterable[Source], limits: Limits = DEFAULT_LIMITS) -> list[Source]:
+    """Replace every zip by its members (recursively, up to ``limits.max_nesting``).
+
+    Member names are prefixed with the zip's name so messages can say where a
+    file came from. Directories, macOS resource forks and empty members are
+    dropped.
+
+    Raises
+    ------
+    LimitError
+        Too many members, a member that inflates more than the allowed ratio,
+        or more uncompressed bytes in total than allowed.
+    UnsupportedFileError
+        A damaged or encrypted zip.
+    """
+    out: list[Source] = []
+    total = 0
+    pending = [(s, 0) for s in sources]
+    while pending:
+        source, depth = pending.pop(0)
+        if not is_zip(source.data):
+            total += len(source.data)
+            _check_total(total, limits)
+            out.append(source)
+            continue
+        if depth >= limits.max_nesting:
+            raise LimitError(
+                f"{source.name}: zip nested more than {limits.max_nesting} levels deep. "
+                "Unpack the inner archives and upload the files.",
+                source=source.name,
+            )
+        # Members are counted towards the total when they are taken off the queue.
+        pending.extend((member, depth + 1) for member in _zip_members(source, limits))
+    return out
+
+
+def _check_total(total: int, limits: Limits) -> None:
+    if total > limits.max_total_bytes:
+        raise LimitError(
+            f"upload is larger than {limits.max_total_bytes / 1024**3:.1f} GB once unpacked. "
+            "Upload one series at a time."
+        )
+
+
+def _zip_members(source: Source, limits: Limits) -> list[Source]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(source.data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UnsupportedFileError(
+            f"{source.name}: damaged zip archive ({err}). Re-create the zip and upload it again.",
+            source=source.name,
+        ) from err
+    if len(infos) > limits.max_archive_members:
+        raise LimitError(
+            f"{source.name}: {len(infos)} members, more than the cap of {limits.max_archive_members}. "
+            "Split the archive by series.",
+            source=source.name,
+        )
+    members: list[Source] = []
+    declared_total = 0
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        base = PurePosixPath(name).name
+        if info.is_dir() or not base or base.startswith("._") or "__MACOSX/" in name:
+            continue
+        if info.flag_bits & 0x1:
+            raise UnsupportedFileError(
+                f"{source.name}: member {base} is encrypted. Upload an archive without a password.",
+                source=source.name,
+            )
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > 1024**2 and ratio > limits.max_compression_ratio:
+            raise LimitError(
+                f"{source.name}: member {base} inflates {ratio:.0f}x, above the cap of "
+                f"{limits.max_compression_ratio:.0f}x (a zip bomb?). Upload the files unzipped.",
+                source=source.name,
+            )
+        declared_total += info.file_size
+        _check_total(declared_total, limits)
+        try:
+            # Read at most the declared size + 1 so a lying header cannot inflate further.
+            with archive.open(info) as handle:
+                data = handle.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as err:
+            raise UnsupportedFileError(
+                f"{source.name}: member {base} cannot be read ({err}). The archive is damaged or truncated.",
+                source=source.name,
+            ) from err
+        if len(data) > info.file_size:
+            raise LimitError(
+                f"{source.name}: member {base} holds more data than its header declares.",
+                source=source.name,
+            )
+        if not data:
+            continue
+        # The member path is a label only; strip anything that looks absolute or climbs up.
+        safe = "/".join(part for part in PurePosixPath(name).parts if part not in ("..", "/", ""))
+        members.append(Source(name=f"{source.basename}/{safe.lstrip('/')}", data=data))
+    return members
+
+
+def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
+    """Read files and folders (recursively) from disk for the CLI, pooled as one upload.
+
+    Symbolic links are not followed inside folders. Names are relative to the
+    argument they came from.
+    """
+    sources: list[Source] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                if file.is_file() and not file.is_symlink():
+                    sources.append(Source(name=f"{path.name}/{file.relative_to(path).as_posix()}", data=file.read_bytes()))
+        elif path.is_file():
+            sources.append(Source(name=path.name, data=path.read_bytes()))
+        else:
+            raise UnsupportedFileError(f"{raw}: no such file or folder", source=str(raw))
+    return sources

@@ -1,0 +1,1 @@
+"""Thin Streamlit pages. Logic lives in ``core``; pages lay out widgets and call it."""

@@ -1,0 +1,96 @@
+"""State shared by the pages of one session: the current upload, series and volume.
+
+Everything lives in ``st.session_state`` (one per browser session); no module
+global holds user data, so one user's scan can never reach another.
+"""
+
+from __future__ import annotations
+
+import re
+
+import streamlit as st
+
+from core.errors import CoreError
+from core.series import ScanResult, Series
+from core.volume import Volume
+
+SCAN = "scan"  # ScanResult of the current upload (or the sample)
+CURRENT = "current_id"  # id of the series every page works on
+VOLUMES = "volumes"  # {series id: Volume}, only the current one is kept
+UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
+
+
+def init_state() -> None:
+    st.session_state.setdefault(SCAN, None)
+    st.session_state.setdefault(CURRENT, None)
+    st.session_state.setdefault(VOLUMES, {})
+    st.session_state.setdefault(UPLOAD_KEY, None)
+
+
+def set_scan(result: ScanResult, upload_key: str) -> None:
+    st.session_state[SCAN] = result
+    st.session_state[UPLOAD_KEY] = upload_key
+    st.session_state[VOLUMES] = {}
+    st.session_state[CURRENT] = result.series[0].info.id if result.series else None
+
+
+def current_scan() -> ScanResult | None:
+    return st.session_state.get(SCAN)
+
+
+def current_series() -> Series | None:
+    result = current_scan()
+    wanted = st.session_state.get(CURRENT)
+    if result is None or wanted is None:
+        return None
+    for item in result.series:
+        if item.info.id == wanted:
+            return item
+    return None
+
+
+def current_volume() -> Volume | None:
+    """Decode the current series once per session; show the error and return None if it fails."""
+    series = current_series()
+    if series is None:
+        return None
+    volumes: dict[str, Volume] = st.session_state[VOLUMES]
+    key = series.info.id
+    if key not in volumes:
+        try:
+            with st.spinner(f"Decoding {series.info.description or 'series'}..."):
+                volume = series.load()
+        except CoreError as err:
+            show_error(err.message)
+            return None
+        volumes.clear()  # keep one decoded volume per session: they can be GBs
+        volumes[key] = volume
+    return volumes[key]
+
+
+def require_volume() -> tuple[Series, Volume]:
+    """The current series and volume, or a pointer to the Open page and stop."""
+    series = current_series()
+    volume = current_volume() if series is not None else None
+    if series is None or volume is None:
+        st.info("No scan is open yet. Go to **Open** to upload files or open the sample scan.")
+        st.page_link("pages/upload.py", label="Open a scan", icon=":material/upload_file:")
+        st.stop()
+    assert series is not None and volume is not None
+    return series, volume
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
+
+
+def plain(text: str) -> str:
+    """Escape Markdown so file names and header values render as plain text, never as markup."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def show_error(message: str) -> None:
+    st.error(plain(message), icon=":material/error:")
+
+
+def show_warning(message: str) -> None:
+    st.warning(plain(message), icon=":material/warning:")
