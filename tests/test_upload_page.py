@@ -1,0 +1,66 @@
+"""AppTest of the Open page: upload a series, see the table, choose it; junk gives a message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import REPO, data_path
+
+
+def open_app() -> AppTest:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def upload(at: AppTest, files: list[Path]) -> None:
+    at.file_uploader(key="upload_files").set_value(
+        [(f.name, f.read_bytes(), "application/octet-stream") for f in files]
+    )
+    at.run()
+
+
+def test_sample_button_lists_the_sample_series() -> None:
+    at = open_app()
+    assert [b.label for b in at.button] == ["Open sample scan"]
+    at.button[0].click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["modality"]) == ["CT"]
+    assert "Sample CT phantom" in table["description"][0]
+    assert at.session_state["current_id"] == table["id"][0]
+
+
+def test_upload_two_series_and_choose_one() -> None:
+    ct = sorted(data_path("ct_siemens_20sl_uncompressed_derived", "dicom").iterdir())
+    mr = sorted(data_path("mr_siemens_gre_fieldmap_5sl", "dicom").glob("*.dcm"))
+    at = open_app()
+    upload(at, ct + mr)
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert sorted(table["modality"]) == ["CT", "MR"]
+    assert sorted(table["files"]) == [5, 20]
+    ct_row = table[table["modality"] == "CT"].iloc[0]
+    assert sorted(int(n) for n in ct_row["dimensions"].split(" x ")) == [20, 512, 512]
+    mr_id = table[table["modality"] == "MR"].iloc[0]["id"]
+    at.selectbox(key="series_choice").select(mr_id).run()
+    assert at.session_state["current_id"] == mr_id
+
+
+def test_junk_upload_shows_an_error_and_the_app_keeps_working() -> None:
+    at = open_app()
+    at.file_uploader(key="upload_files").set_value(
+        [("notes.txt", b"hello, not a scan", "text/plain"), ("x.dcm", b"DICM" * 3, "application/dicom")]
+    )
+    at.run()
+    assert not at.exception
+    messages = " ".join(e.value for e in at.error)
+    assert "notes.txt" in messages and "x.dcm" in messages
+    assert "Traceback" not in messages
+    at.button[0].click().run()  # the sample still opens in the same session
+    assert not at.exception
+    assert list(at.dataframe[0].value["modality"]) == ["CT"]
