@@ -60,7 +60,7 @@ def _info(args: argparse.Namespace) -> int:
         for skipped in result.skipped:
             print(f"skipped {skipped.source}: {skipped.reason}")
     for error in result.errors:
-        print(f"error: {error.source}: {error.message}", file=sys.stderr)
+        print(f"error: {error.message}", file=sys.stderr)
     if not result.series:
         print("error: no series could be loaded from the given paths", file=sys.stderr)
         return EXIT_NOTHING_PROCESSED
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or zips, pooled as one upload")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_info)
+
+    # Imported here so `python -m core info` does not pay for meshing/conversion imports.
+    from core import cli_deidentify
+
+    cli_deidentify.add_parser(commands)
     return parser
 
 

@@ -53,7 +53,7 @@ if result is None:
     st.stop()
 
 for problem in result.errors:
-    show_error(f"{problem.source}: {problem.message}")
+    show_error(problem.message)
 
 if not result.series:
     st.warning("Nothing in this upload could be opened as an image. See the messages above.")

@@ -1,0 +1,300 @@
+"""Decoding DICOM pixel data and applying the Modality LUT, one frame at a time.
+
+Decoding goes through pydicom's pixel API (``pydicom.pixels``), so every
+installed back end (pylibjpeg, pillow, gdcm, pyjpegls) is used; YBR colour is
+converted to RGB there. Values are written straight into a preallocated output
+array: no float64 temporaries, no list of frames to stack.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import pydicom.pixels as dicom_pixels
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
+
+from core.dicom_headers import READ_ERRORS, has_preamble, transfer_syntax
+from core.errors import MissingCodecError, UnsupportedFileError
+
+# Which pip package decodes which transfer syntax (pydicom's "pixel data handlers" table).
+_LIBJPEG = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
+_OPENJPEG = "pylibjpeg and pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg)"
+CODEC_PACKAGES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "pillow or " + _LIBJPEG,
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,
+    "1.2.840.10008.1.2.4.80": _LIBJPEG + " or pyjpegls",
+    "1.2.840.10008.1.2.4.81": _LIBJPEG + " or pyjpegls",
+    "1.2.840.10008.1.2.4.90": _OPENJPEG,
+    "1.2.840.10008.1.2.4.91": _OPENJPEG,
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (pip install pylibjpeg pylibjpeg-rle)",
+}
+_NO_PYTHON_DECODER = (
+    "python-gdcm (pip install python-gdcm) may decode it; otherwise convert the files to an "
+    "uncompressed transfer syntax first (gdcmconv --raw, or dcmdjpeg/dcmdjpls/dcmdrle from DCMTK)"
+)
+
+
+def codec_problem(uid: UID) -> str:
+    """Why pixels in this transfer syntax cannot be decoded here ("" when they can)."""
+    if not uid.is_transfer_syntax:
+        return f"unknown transfer syntax {uid}: no decoder is known. {_NO_PYTHON_DECODER}."
+    if not uid.is_compressed:
+        return ""
+    try:
+        decoder = dicom_pixels.get_decoder(uid)
+    except NotImplementedError:
+        return f"no pixel decoder exists for transfer syntax '{uid.name}' ({uid}). {_NO_PYTHON_DECODER}."
+    if decoder.is_available:
+        return ""
+    package = CODEC_PACKAGES.get(str(uid), _NO_PYTHON_DECODER)
+    return f"no installed decoder for transfer syntax '{uid.name}' ({uid}); install {package}."
+
+
+def ensure_decoder(uid: UID, label: str) -> None:
+    """Raise :class:`MissingCodecError` when no installed plug-in decodes ``uid``."""
+    problem = codec_problem(uid)
+    if problem:
+        raise MissingCodecError(f"{label}: {problem}", source=label)
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """How a file stores its pixels (group 0028), enough to choose the output dtype."""
+
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    photometric: str
+    float_data: bool = False
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.samples == 3 or self.photometric == "PALETTE COLOR"
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        """Smallest and largest stored value that ``bits_stored`` allows."""
+        bits = max(1, min(self.bits_stored or self.bits_allocated, self.bits_allocated or 64))
+        if self.signed:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, 2**bits - 1
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The integer dtype pydicom returns for these pixels."""
+        if self.float_data:
+            return np.dtype(np.float32)
+        size = {1: 1, 8: 1, 16: 2, 32: 4}.get(self.bits_allocated, 8)
+        return np.dtype(f"{'i' if self.signed else 'u'}{size}")
+
+
+def pixel_format(ds: Dataset) -> PixelFormat:
+    """Read group 0028 of a header."""
+    return PixelFormat(
+        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
+        bits_stored=int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16),
+        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper(),
+        float_data="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+    )
+
+
+@dataclass(frozen=True)
+class OutputType:
+    """The dtype of a loaded volume and whether values must be range-checked while loading.
+
+    ``checked`` is set when the rescaled range that BitsStored allows does not fit
+    ``dtype`` but real images do (e.g. signed 16-bit CT with intercept -1024:
+    -33792..31743 in theory, -3024..3071 in practice). Keeping int16 halves the
+    memory of int32; every frame is checked and an overflow raises instead of wrapping.
+    """
+
+    dtype: np.dtype
+    checked: bool = False
+
+
+def output_type(
+    formats: Sequence[PixelFormat], rescales: Sequence[tuple[float, float]], *, has_lut: bool = False
+) -> OutputType:
+    """The dtype of the loaded volume, known from the headers alone.
+
+    Integers stay integers when every slope is 1 and every intercept an integer
+    and the rescaled range fits (CT: uint16 stored 0..4095 with intercept -1024
+    gives int16); otherwise float32. RGB is uint8.
+
+    Parameters
+    ----------
+    formats : sequence of PixelFormat
+        One per file of the series.
+    rescales : sequence of (slope, intercept)
+        One per frame.
+    has_lut : bool
+        A (0028,3000) Modality LUT replaces the rescale: float32.
+    """
+    if any(f.is_rgb for f in formats):
+        return OutputType(np.dtype(np.uint8))
+    if has_lut or any(f.float_data for f in formats):
+        return OutputType(np.dtype(np.float32))
+    if not all(slope == 1.0 and float(intercept).is_integer() for slope, intercept in rescales):
+        return OutputType(np.dtype(np.float32))
+    low = min(f.stored_range[0] for f in formats)
+    high = max(f.stored_range[1] for f in formats)
+    intercepts = [int(intercept) for _, intercept in rescales] or [0]
+    if min(intercepts) == 0 and max(intercepts) == 0:
+        dtypes = {f.stored_dtype for f in formats}
+        if len(dtypes) == 1:
+            return OutputType(dtypes.pop())
+    low += min(intercepts)
+    high += max(intercepts)
+    for candidate in (np.dtype(np.int16), np.dtype(np.uint16)):
+        info = np.iinfo(candidate)
+        if info.min <= low and high <= info.max:
+            return OutputType(candidate)
+    if all(f.bits_allocated <= 16 for f in formats):
+        return OutputType(np.dtype(np.int16) if low < 0 else np.dtype(np.uint16), checked=True)
+    info32 = np.iinfo(np.int32)
+    if info32.min <= low and high <= info32.max:
+        return OutputType(np.dtype(np.int32))
+    return OutputType(np.dtype(np.float32))
+
+
+def output_dtype(
+    formats: Sequence[PixelFormat], rescales: Sequence[tuple[float, float]], *, has_lut: bool = False
+) -> np.dtype:
+    """Shortcut for ``output_type(...).dtype``."""
+    return output_type(formats, rescales, has_lut=has_lut).dtype
+
+
+def _full_dataset(data: bytes, name: str) -> Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble(data))
+    except READ_ERRORS as err:
+        raise UnsupportedFileError(f"{name}: cannot read the file again to decode it ({err}).", source=name) from err
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # Files without a meta header: pydicom needs the transfer syntax to decode.
+        uid = transfer_syntax(ds)
+        if not hasattr(ds, "file_meta") or ds.file_meta is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = uid
+    return ds
+
+
+def iter_frames(data: bytes, name: str, indices: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray, Dataset]]:
+    """Decode frames of one file.
+
+    Parameters
+    ----------
+    data : bytes
+        The whole file.
+    name : str
+        For messages.
+    indices : sequence of int or None
+        0-based frames to decode (None: the single frame of a single-frame file).
+
+    Yields
+    ------
+    index : int
+        Frame number (0 for a single-frame file).
+    pixels : (rows, columns) or (rows, columns, 3) ndarray
+        Stored values (RGB for colour).
+    ds : Dataset
+        The full dataset (needed for palette and Modality LUT tables).
+
+    Raises
+    ------
+    MissingCodecError
+        No installed decoder for the transfer syntax.
+    UnsupportedFileError
+        The decoder failed on the data (damaged or truncated).
+    """
+    ds = _full_dataset(data, name)
+    uid = transfer_syntax(ds)
+    ensure_decoder(uid, name)
+    try:
+        if indices is None:
+            yield 0, dicom_pixels.pixel_array(ds), ds
+            return
+        wanted = sorted(set(indices))
+        for index, frame in zip(wanted, dicom_pixels.iter_pixels(ds, indices=wanted), strict=True):
+            yield index, frame, ds
+    except MissingCodecError:
+        raise
+    except (*READ_ERRORS, RuntimeError) as err:
+        raise UnsupportedFileError(
+            f"{name}: pixel data in '{uid.name}' cannot be decoded ({type(err).__name__}: {err}). "
+            "The file may be truncated or damaged.",
+            source=name,
+        ) from err
+
+
+def store_frame(
+    dst: np.ndarray, pixels: np.ndarray, slope: float, intercept: float, name: str, *, checked: bool = False
+) -> None:
+    """Write one decoded frame into the output, applying the rescale.
+
+    Parameters
+    ----------
+    dst : (rows, columns) or (rows, columns, 3) ndarray
+        A view into the preallocated output (int or float32).
+    pixels : ndarray
+        Stored values as decoded, same shape as ``dst``.
+    slope, intercept : float
+        Modality rescale: ``value = slope * stored + intercept`` (PS3.3 C.11.1.1.2).
+    checked : bool
+        Verify that the rescaled values fit ``dst.dtype`` (see :class:`OutputType`).
+
+    Raises
+    ------
+    UnsupportedFileError
+        ``checked`` and a value does not fit.
+    """
+    if pixels.shape != dst.shape:
+        raise UnsupportedFileError(
+            f"{name}: decoded frame has shape {pixels.shape}, the header declares {dst.shape}. "
+            "The file is inconsistent.",
+            source=name,
+        )
+    if dst.dtype == np.float32:
+        # float32 arithmetic only: uint16/int16 are exact in float32.
+        np.multiply(pixels, np.float32(slope), out=dst, dtype=np.float32, casting="unsafe")
+        if intercept:
+            dst += np.float32(intercept)
+        return
+    if checked and pixels.size:
+        info = np.iinfo(dst.dtype)
+        low, high = int(pixels.min()) + int(intercept), int(pixels.max()) + int(intercept)
+        if low < info.min or high > info.max:
+            raise UnsupportedFileError(
+                f"{name}: rescaled values {low}..{high} do not fit {dst.dtype}, the type chosen from the other "
+                "images' headers. The series mixes very different value ranges; load this file alone.",
+                source=name,
+            )
+    if intercept:
+        # Modular integer arithmetic is exact whenever the true result fits dst,
+        # which output_dtype checked from the stored range.
+        np.add(pixels, np.asarray(int(intercept)).astype(dst.dtype), out=dst, dtype=dst.dtype, casting="unsafe")
+    else:
+        np.copyto(dst, pixels, casting="unsafe")
+
+
+def to_rgb8(pixels: np.ndarray, ds: Dataset, fmt: PixelFormat) -> np.ndarray:
+    """Colour pixels as uint8 RGB: palette lookup, and 16-bit colour scaled to 8 bits."""
+    if fmt.photometric == "PALETTE COLOR":
+        pixels = dicom_pixels.apply_color_lut(pixels, ds)
+    if pixels.dtype == np.uint8:
+        return pixels
+    # Palette tables hold 16-bit entries; direct colour keeps BitsStored significant bits.
+    shift = 8 if fmt.photometric == "PALETTE COLOR" else max(0, fmt.bits_stored - 8)
+    return (pixels >> shift).astype(np.uint8) if shift else pixels.astype(np.uint8)

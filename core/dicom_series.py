@@ -1,0 +1,779 @@
+"""The DICOM reader: find the volumes in a pile of DICOM files and load them.
+
+:func:`scan_dicom` reads headers only (``stop_before_pixels``) and plans each
+volume; :meth:`Series.load` decodes pixels into a preallocated array. Assembly
+follows careful converters (dcm2niix, dicom2nifti; REFERENCE.md section 3):
+
+1. Non-images (DICOMDIR, SR, presentation states, RT structures), localizers and
+   repeated files (same SOP Instance UID) are skipped with a reason.
+2. Images are grouped by (0020,000E) Series Instance UID, then image size, pixel
+   spacing, echo, image type and orientation (within 1e-3). Several series are
+   never stacked; a series with two orientations becomes two volumes.
+3. Slices are sorted by the projection of Image Position (Patient) on the slice
+   normal. Several images at one position form a time series when an attribute
+   orders them (temporal position, acquisition number, trigger or acquisition
+   time); otherwise the group is refused.
+4. Spacing comes from the positions, never from Slice Thickness; uneven spacing,
+   missing slices and gantry tilt are reported with their values.
+5. Siemens mosaics are split into slices with the CSA header; enhanced
+   multi-frame files use their per-frame functional groups.
+
+The affine maps ``(i=column, j=row, k=slice)`` to RAS+ (DICOM LPS with x and y
+negated), then the array is reoriented to the closest RAS+ axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from core.dicom_geometry import (
+    SAME_PLACE_TOLERANCE_MM,
+    centred_affine,
+    cluster_orientations,
+    cluster_positions,
+    slice_normal,
+    stack_affine,
+)
+from core.dicom_headers import (
+    READ_ERRORS,
+    Frame,
+    classic_frames,
+    enhanced_frames,
+    first_float,
+    floats,
+    frame_voi,
+    image_type,
+    is_enhanced,
+    multi_strings,
+    number_of_frames,
+    read_header,
+    series_label,
+    skip_reason,
+    transfer_syntax,
+)
+from core.dicom_mosaic import MosaicLayout, is_mosaic, mosaic_layout
+from core.dicom_pixels import (
+    OutputType,
+    PixelFormat,
+    codec_problem,
+    iter_frames,
+    output_type,
+    pixel_format,
+    store_frame,
+    to_rgb8,
+)
+from core.errors import CoreError, LimitError, SeriesGeometryError, UnsupportedFileError
+from core.series import Problem, ScanResult, Series, SeriesInfo, Skipped, Window
+from core.sources import DEFAULT_LIMITS, Limits, Source
+from core.volume import Volume, reorient_to_ras
+
+__all__ = ["is_dicom", "scan_dicom"]
+
+# Explicit VRs a first element may carry (PS3.5 Table 6.2-1).
+_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+    b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+    b"UR", b"US", b"UT", b"UV",
+}  # fmt: skip
+
+# Keys that order images at one slice position in time, most specific first.
+# InstanceNumber is deliberately absent: two images that differ only by it are
+# duplicates, not a time series.
+_TIME_KEYS = ("temporal_position", "acquisition_number", "trigger_time", "acquisition_time", "content_time", "frame")
+_DISCRETE_TIME_KEYS = {"temporal_position", "acquisition_number"}
+
+
+def is_dicom(data: bytes) -> bool:
+    """Whether bytes look like DICOM, without parsing them.
+
+    True for a Part-10 file ("DICM" at offset 128), and for a bare dataset (no
+    preamble, no meta header) whose first element is a group 0x0008 (or 0x0002)
+    tag with a valid explicit VR, or an implicit-VR length that fits the data and
+    is followed by another group 0x0008 element.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 16:
+        return False
+    group, element = int.from_bytes(data[0:2], "little"), int.from_bytes(data[2:4], "little")
+    if group not in (0x0002, 0x0008) or element > 0x1000:
+        return False
+    if data[4:6] in _VRS:
+        return True
+    # Implicit VR little endian: 4-byte length, then the next tag of the same group.
+    length = int.from_bytes(data[4:8], "little")
+    if length % 2 or 8 + length + 4 > len(data) or length > 1024:
+        return False
+    next_group = int.from_bytes(data[8 + length : 10 + length], "little")
+    next_element = int.from_bytes(data[10 + length : 12 + length], "little")
+    return next_group == group and next_element > element
+
+
+@dataclass
+class _File:
+    """One readable DICOM image file of the scan."""
+
+    source: Source
+    ds: Dataset
+    fmt: PixelFormat
+    uid: UID
+    frames: list[Frame] = field(default_factory=list)
+    mosaic: MosaicLayout | None = None
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def label(self) -> str:
+        return f"{series_label(self.ds)} ({self.source.name})"
+
+
+@dataclass
+class _Plan:
+    """A volume to load: which frames go where, and its geometry.
+
+    ``grid[t][k]`` is the frame at time ``t`` and slice ``k``. For a mosaic,
+    ``grid[t][k]`` is a frame of file ``t`` and ``tiles[k]`` the tile it comes from.
+    """
+
+    files: list[_File]
+    grid: list[list[Frame]]
+    affine: np.ndarray
+    warnings: list[str]
+    rows: int
+    columns: int
+    tiles: list[int] | None = None
+    split_note: str = ""
+
+    @property
+    def first(self) -> _File:
+        return self.files[self.grid[0][0].file]
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.grid[0])
+
+    @property
+    def n_times(self) -> int:
+        return len(self.grid)
+
+
+def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanResult:
+    """Group DICOM files into loadable volumes, reading headers only.
+
+    Parameters
+    ----------
+    sources : list of Source
+        DICOM files of one upload (other files end up in ``errors``).
+    limits : Limits
+        ``max_voxels`` caps the size of each volume.
+
+    Returns
+    -------
+    ScanResult
+        One :class:`Series` per volume (its ``info`` holds the exact shape,
+        affine and dtype that ``load()`` returns), plus skipped files (non-images,
+        localizers, repeated files, single derived images beside their study) and
+        errors (unreadable files, groups no correct volume can be built from).
+        Every input file appears in exactly one of series sources, skipped or errors.
+    """
+    result = ScanResult()
+    files = _read_files(sources, result)
+    plans: list[_Plan] = []
+    for group in _group_files(files):
+        try:
+            plans.extend(_plan_group(group))
+        except CoreError as err:
+            names = list(dict.fromkeys(f.name for f in group))
+            for name in names:
+                result.errors.append(Problem(source=name, message=err.message))
+    plans = _skip_derived_singles(plans, result)
+    plans.sort(key=_plan_sort_key)
+    counters: dict[str, int] = defaultdict(int)
+    for plan in plans:
+        number = plan.first.ds.get("SeriesNumber", None)
+        number_text = str(number).strip() if number not in (None, "") else "0"
+        counters[number_text] += 1
+        series_id = f"{number_text}-{counters[number_text]}"
+        try:
+            result.series.append(_make_series(plan, series_id, limits))
+        except CoreError as err:
+            for item in plan.files:
+                result.errors.append(Problem(source=item.name, message=err.message))
+    return result
+
+
+# --- reading -----------------------------------------------------------------
+
+
+def _read_files(sources: Sequence[Source], result: ScanResult) -> list[_File]:
+    files: list[_File] = []
+    by_sop: dict[str, _File] = {}
+    for source in sources:
+        if not is_dicom(source.data):
+            result.errors.append(
+                Problem(
+                    source.name, f"{source.name}: not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header)."
+                )
+            )
+            continue
+        try:
+            ds = read_header(source)
+            reason = skip_reason(ds, source.data)
+            if reason:
+                result.skipped.append(Skipped(source.name, reason))
+                continue
+            sop = str(ds.get("SOPInstanceUID", "") or "")
+            if sop and sop in by_sop:
+                kept = by_sop[sop]
+                kept.duplicates.append(source.name)
+                result.skipped.append(
+                    Skipped(
+                        source.name, f"same (0008,0018) SOP Instance UID as {kept.name}: a repeated copy, used once"
+                    )
+                )
+                continue
+            item = _File(source=source, ds=ds, fmt=pixel_format(ds), uid=transfer_syntax(ds))
+            _describe_frames(item, len(files))
+        except CoreError as err:
+            result.errors.append(
+                Problem(source.name, err.message if source.name in err.message else f"{source.name}: {err.message}")
+            )
+            continue
+        except READ_ERRORS as err:
+            result.errors.append(
+                Problem(source.name, f"{source.name}: damaged DICOM header ({type(err).__name__}: {err}).")
+            )
+            continue
+        if sop:
+            by_sop[sop] = item
+        files.append(item)
+    return files
+
+
+def _describe_frames(item: _File, index: int) -> None:
+    """Fill ``item.frames`` (and ``item.mosaic``) from its header."""
+    ds = item.ds
+    if int(ds.Rows) <= 0 or int(ds.Columns) <= 0:
+        raise UnsupportedFileError(f"{item.name}: image of {ds.Rows}x{ds.Columns} pixels", source=item.name)
+    if is_mosaic(ds) and number_of_frames(ds) == 1:
+        item.mosaic = mosaic_layout(ds, item.label)
+        item.frames = classic_frames(ds, index)
+    elif is_enhanced(ds):
+        item.frames = enhanced_frames(ds, index)
+    else:
+        item.frames = classic_frames(ds, index)
+
+
+# --- grouping ----------------------------------------------------------------
+
+
+def _series_key(ds: Dataset) -> tuple[Any, ...]:
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if uid:
+        return (uid,)
+    # No UID (seen in stripped exports): fall back to what names a series in a study.
+    return (
+        "",
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("SeriesNumber", "")),
+        str(ds.get("SeriesDescription", "")),
+    )
+
+
+def _round(values: Sequence[float] | np.ndarray | None, digits: int) -> tuple[float, ...] | None:
+    return None if values is None else tuple(round(float(v), digits) for v in values)
+
+
+def _group_files(files: list[_File]) -> list[list[_File]]:
+    """Candidate volumes: files that may be stacked together.
+
+    Frames of multi-frame files are planned with their file; frames are regrouped
+    later by orientation and position.
+    """
+    groups: dict[tuple[Any, ...], list[_File]] = {}
+    singles: list[list[_File]] = []
+    for item in files:
+        ds = item.ds
+        common = (_series_key(ds), int(ds.Rows), int(ds.Columns), item.fmt.samples, item.fmt.is_rgb)
+        if item.mosaic is not None:
+            frame = item.frames[0]
+            key = (
+                "mosaic",
+                *common,
+                item.mosaic.n_slices,
+                _round(frame.orientation, 3),
+                _round(frame.position, 2),
+                frame.split,
+            )
+        elif len(item.frames) == 1 and item.frames[0].has_geometry:
+            frame = item.frames[0]
+            key = ("stack", *common, _round(frame.pixel_spacing, 4), frame.split)
+        else:
+            # Multi-frame files and images without position are volumes on their own.
+            singles.append([item])
+            continue
+        groups.setdefault(key, []).append(item)
+    return [*groups.values(), *singles]
+
+
+# --- planning ----------------------------------------------------------------
+
+
+def _plan_group(group: list[_File]) -> list[_Plan]:
+    first = group[0]
+    if first.mosaic is not None:
+        return [_plan_mosaics(group)]
+    # Renumber frames to index into this group's file list.
+    local = [_with_file(frame, n) for n, item in enumerate(group) for frame in item.frames]
+    if all(frame.has_geometry for frame in local):
+        return _plan_stacks(group, local)
+    if any(frame.has_geometry for frame in local):
+        label = first.label
+        missing = sum(not f.has_geometry for f in local)
+        warning = (
+            f"{label}: {missing} of {len(local)} frames lack (0020,0032)/(0020,0037) in their functional groups; "
+            "frames are stacked in file order with an assumed spacing."
+        )
+        return [_plan_without_geometry(first, local, extra_warning=warning)]
+    return [_plan_without_geometry(first, local)]
+
+
+def _with_file(frame: Frame, file: int) -> Frame:
+    copy = Frame(**{**frame.__dict__})
+    copy.file = file
+    return copy
+
+
+def _plan_stacks(group: list[_File], frames: list[Frame]) -> list[_Plan]:
+    """Split frames by orientation, then sort each part into slices (and time points)."""
+    label = group[0].label
+    labels = cluster_orientations([frame.orientation for frame in frames])  # type: ignore[misc]
+    parts = sorted(set(labels))
+    plans = []
+    for part in parts:
+        members = [frame for frame, lab in zip(frames, labels, strict=True) if lab == part]
+        plan = _plan_stack(group, members, label)
+        if len(parts) > 1:
+            iop = [round(float(v), 4) for v in members[0].orientation]  # type: ignore[union-attr]
+            plan.warnings.insert(
+                0,
+                f"{label}: images have {len(parts)} different orientations ((0020,0037) differs by more than 1e-3); "
+                f"split into {len(parts)} volumes, this one of {len(members)} images with orientation {iop}.",
+            )
+            plan.split_note = f"orientation {part + 1} of {len(parts)}"
+        plans.append(plan)
+    return plans
+
+
+def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
+    first = group[frames[0].file]
+    orientation = frames[0].orientation
+    normal = slice_normal(orientation)  # type: ignore[arg-type]
+    distances = [float(frame.position @ normal) for frame in frames]  # type: ignore[operator]
+    slices = [[frames[i] for i in members] for members in cluster_positions(distances)]
+    for members in slices:
+        places = np.array([frame.position for frame in members])
+        spread = float(np.max(np.linalg.norm(places - places[0], axis=1)))
+        if spread > SAME_PLACE_TOLERANCE_MM:
+            raise SeriesGeometryError(
+                f"{label}: {len(members)} images lie in the same plane (distance {members[0].position @ normal:.3f} mm "
+                f"along the normal) but {spread:.3g} mm apart in-plane: several stacks in one series. "
+                "Upload the stacks as separate series.",
+                source=label,
+            )
+    counts = [len(members) for members in slices]
+    if len(set(counts)) > 1:
+        worst = int(np.argmax(counts))
+        raise SeriesGeometryError(
+            f"{label}: slice positions hold {min(counts)}-{max(counts)} images each (e.g. {counts[worst]} images at "
+            f"{distances_label(slices[worst][0], normal)}), so they are neither one volume nor a complete time series. "
+            "Remove the duplicate or extra images, or upload one acquisition at a time.",
+            source=label,
+        )
+    warnings: list[str] = []
+    n_times = counts[0]
+    if n_times > 1:
+        slices, key = _order_in_time(slices, label)
+        warnings.append(
+            f"{label}: {n_times} images at each of {len(slices)} positions: loaded as a time series of "
+            f"{n_times} volumes ordered by {key.replace('_', ' ')}."
+        )
+    grid = [[slices[k][t] for k in range(len(slices))] for t in range(n_times)]
+    positions = np.array([frame.position for frame in grid[0]])
+    spacing = frames[0].pixel_spacing
+    if spacing is None:
+        spacing = (1.0, 1.0)
+        warnings.append(f"{label}: no (0028,0030) Pixel Spacing; 1 mm pixels assumed, so sizes are not in mm.")
+    thickness = frames[0].thickness or frames[0].slice_spacing or 1.0
+    geometry = stack_affine(
+        orientation,  # type: ignore[arg-type]
+        spacing,
+        positions,
+        single_slice_thickness_mm=thickness,
+        gantry_tilt_deg=first_float(first.ds, "GantryDetectorTilt"),
+        label=label,
+    )
+    warnings.extend(geometry.warnings)
+    warnings.extend(_instance_number_warnings(group, frames, label))
+    return _Plan(
+        files=group,
+        grid=grid,
+        affine=geometry.affine,
+        warnings=warnings,
+        rows=int(first.ds.Rows),
+        columns=int(first.ds.Columns),
+    )
+
+
+def distances_label(frame: Frame, normal: np.ndarray) -> str:
+    return f"{float(frame.position @ normal):.3f} mm along the slice normal"  # type: ignore[operator]
+
+
+def _order_in_time(slices: list[list[Frame]], label: str) -> tuple[list[list[Frame]], str]:
+    """Sort the images of every position by the first attribute that tells them apart."""
+    for key in _TIME_KEYS:
+        values = [[frame.temporal.get(key) for frame in members] for members in slices]
+        if any(v is None for row in values for v in row):
+            continue
+        if any(len(set(row)) != len(row) for row in values):
+            continue
+        if key in _DISCRETE_TIME_KEYS and len({tuple(sorted(row)) for row in values}) != 1:
+            continue
+        ordered = [sorted(members, key=lambda f, k=key: f.temporal[k]) for members in slices]
+        return ordered, key
+    count = len(slices[0])
+    raise SeriesGeometryError(
+        f"{label}: {count} images at each slice position, but no (0020,0100) Temporal Position Identifier, "
+        "(0020,0012) Acquisition Number, (0018,1060) Trigger Time or (0008,0032) Acquisition Time tells them "
+        "apart: they are duplicates, not a time series. Remove the repeated images and upload again.",
+        source=label,
+    )
+
+
+def _instance_number_warnings(group: list[_File], frames: list[Frame], label: str) -> list[str]:
+    numbers = [frame.instance_number for frame in frames if frame.index is None]
+    if len(numbers) < 2 or len(numbers) != len(frames) or any(n is None for n in numbers):
+        return []
+    if len(set(numbers)) != len(numbers):
+        return []
+    span = max(numbers) - min(numbers) + 1  # type: ignore[type-var,operator]
+    if span <= len(numbers):
+        return []
+    return [
+        f"{label}: (0020,0013) Instance Number runs {min(numbers)}-{max(numbers)} ({span} numbers) but "  # type: ignore[type-var]
+        f"{len(numbers)} images are present: {span - len(numbers)} images may be missing."
+    ]
+
+
+def _plan_mosaics(group: list[_File]) -> _Plan:
+    """Mosaic files of one series at one position: each is a 3D volume, several make a time series."""
+    first = group[0]
+    label = first.label
+    layout = first.mosaic
+    assert layout is not None
+    frames = [_with_file(item.frames[0], n) for n, item in enumerate(group)]
+    warnings: list[str] = []
+    if len(frames) > 1:
+        ordered, key = _order_in_time([frames], label)
+        frames = ordered[0]
+        warnings.append(
+            f"{label}: {len(frames)} mosaic volumes loaded as a time series ordered by {key.replace('_', ' ')}."
+        )
+    orientation = frames[0].orientation
+    normal = slice_normal(orientation)  # type: ignore[arg-type]
+    # Slices may run against row x column (CSA SliceNormalVector); sort them along it.
+    order = sorted(range(layout.n_slices), key=lambda n: float(layout.positions[n] @ normal))
+    spacing = frames[0].pixel_spacing or (1.0, 1.0)
+    geometry = stack_affine(
+        orientation,  # type: ignore[arg-type]
+        spacing,
+        layout.positions[order],
+        label=label,
+    )
+    warnings.extend(geometry.warnings)
+    return _Plan(
+        files=group,
+        grid=[[frame] * layout.n_slices for frame in frames],
+        affine=geometry.affine,
+        warnings=warnings,
+        rows=layout.tile_rows,
+        columns=layout.tile_columns,
+        tiles=order,
+    )
+
+
+def _plan_without_geometry(item: _File, frames: list[Frame], extra_warning: str = "") -> _Plan:
+    """A file whose frames have no position: frames stacked in file order."""
+    ds = item.ds
+    label = item.label
+    warnings = [extra_warning] if extra_warning else []
+    count = len(frames)
+    row_spacing, column_spacing = frames[0].pixel_spacing or (1.0, 1.0)
+    if count > 1:
+        slice_step = first_float(ds, "SpacingBetweenSlices") or first_float(ds, "SliceThickness") or 1.0
+    else:
+        slice_step = first_float(ds, "SliceThickness") or first_float(ds, "SpacingBetweenSlices") or 1.0
+    orientation = floats(ds, "ImageOrientationPatient", 6)
+    position = floats(ds, "ImagePositionPatient", 3)
+    offsets = floats(ds, "GridFrameOffsetVector")
+    order = list(range(count))
+    if count > 1 and orientation is not None and position is not None:
+        normal = slice_normal(orientation)
+        if offsets is not None and len(offsets) == count:
+            # RT Dose: frame positions along the normal are given explicitly (PS3.3 C.8.8.3.2).
+            order = sorted(range(count), key=lambda n: offsets[n])
+            steps = np.asarray(offsets)[order]
+            if len(set(steps.tolist())) != count:
+                raise SeriesGeometryError(
+                    f"{label}: (3004,000C) Grid Frame Offset Vector repeats offsets.", source=label
+                )
+        else:
+            steps = np.arange(count) * slice_step
+            warnings.append(
+                f"{label}: {count} frames share one (0020,0032) Image Position; they are stacked along the slice "
+                f"normal {slice_step:g} mm apart ((0018,0088)/(0018,0050)), an assumption the file does not state."
+            )
+        positions = np.asarray(position)[None, :] + steps[:, None] * normal[None, :]
+        geometry = stack_affine(orientation, (row_spacing, column_spacing), positions, label=label)
+        affine = geometry.affine
+        warnings.extend(geometry.warnings)
+    elif count == 1 and orientation is not None and position is not None:
+        geometry = stack_affine(orientation, (row_spacing, column_spacing), np.asarray([position]),
+                                single_slice_thickness_mm=slice_step, label=label)  # fmt: skip
+        affine = geometry.affine
+    else:
+        affine = centred_affine((int(ds.Columns), int(ds.Rows), count), (column_spacing, row_spacing, slice_step))
+        what = f"{count} frames stacked in file order" if count > 1 else "a 2D image"
+        warnings.append(
+            f"{label}: no patient position ((0020,0032)/(0020,0037)): {what}, centred on the origin with "
+            f"{column_spacing:g} x {row_spacing:g} x {slice_step:g} mm voxels (as dcm2niix does); "
+            "world positions are arbitrary."
+        )
+    local = [_with_file(frames[n], 0) for n in order]
+    return _Plan(
+        files=[item],
+        grid=[local],
+        affine=affine,
+        warnings=warnings,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+    )
+
+
+def _is_derived_single(plan: _Plan) -> bool:
+    if plan.n_slices != 1 or plan.n_times != 1 or len(plan.files) != 1 or plan.tiles is not None:
+        return False
+    kind = image_type(plan.first.ds)
+    return len(kind) >= 2 and kind[0] == "DERIVED" and kind[1] == "SECONDARY"
+
+
+def _skip_derived_singles(plans: list[_Plan], result: ScanResult) -> list[_Plan]:
+    """Skip single derived secondary images (screen captures, dose reports) beside their study's volumes.
+
+    Uploaded alone they are loaded: the user asked for them.
+    """
+    studies_with_volumes = {
+        str(plan.first.ds.get("StudyInstanceUID", "")) for plan in plans if not _is_derived_single(plan)
+    }
+    kept = []
+    for plan in plans:
+        study = str(plan.first.ds.get("StudyInstanceUID", ""))
+        if _is_derived_single(plan) and study and study in studies_with_volumes:
+            result.skipped.append(
+                Skipped(
+                    plan.first.name,
+                    "single derived image ((0008,0008) Image Type DERIVED\\SECONDARY: a screen capture, report "
+                    "or thumbnail) beside volumes of the same study; upload it alone to view it",
+                )
+            )
+            continue
+        kept.append(plan)
+    return kept
+
+
+def _plan_sort_key(plan: _Plan) -> tuple[Any, ...]:
+    ds = plan.first.ds
+    try:
+        number = float(ds.get("SeriesNumber", None) or math.inf)
+    except (TypeError, ValueError):
+        number = math.inf
+    names = sorted(item.name for item in plan.files)
+    return (number, str(ds.get("SeriesInstanceUID", "")), plan.split_note, names[0])
+
+
+# --- series ------------------------------------------------------------------
+
+
+def _plan_files_in_order(plan: _Plan) -> list[_File]:
+    seen: dict[int, _File] = {}
+    for row in plan.grid:
+        for frame in row:
+            if frame.file not in seen:
+                seen[frame.file] = plan.files[frame.file]
+    return list(seen.values())
+
+
+def _windows(ds: Dataset) -> tuple[Window, ...]:
+    voi = frame_voi(ds)
+    try:
+        centers = [float(v) for v in multi_strings(voi.get("WindowCenter", None))]
+        widths = [float(v) for v in multi_strings(voi.get("WindowWidth", None))]
+    except ValueError:
+        return ()
+    names = multi_strings(voi.get("WindowCenterWidthExplanation", None))
+    windows = []
+    for n, (center, width) in enumerate(zip(centers, widths, strict=False)):
+        if width > 0 and math.isfinite(center) and math.isfinite(width):
+            name = names[n] if n < len(names) else ""
+            windows.append(Window(center=center, width=width, name=name.strip()))
+    return tuple(windows)
+
+
+def _unit(ds: Dataset, modality: str) -> str:
+    if modality == "CT":
+        return "HU"
+    if modality == "PT":
+        return str(ds.get("Units", "") or "")
+    if modality == "RTDOSE":
+        return str(ds.get("DoseUnits", "") or "")
+    return ""
+
+
+def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
+    files = _plan_files_in_order(plan)
+    first = plan.first
+    ds = first.ds
+    label = series_label(ds)
+    fmt_rgb = any(item.fmt.is_rgb for item in files)
+    has_lut = "ModalityLUTSequence" in ds
+    rescales = [(frame.slope, frame.intercept) for row in plan.grid for frame in row]
+    out_type = output_type([item.fmt for item in files], rescales, has_lut=has_lut)
+    dtype = out_type.dtype
+    n_times, n_slices = plan.n_times, plan.n_slices
+    raw_shape: tuple[int, ...] = (plan.columns, plan.rows, n_slices)
+    if n_times > 1:
+        raw_shape = (*raw_shape, n_times)
+    if fmt_rgb:
+        raw_shape = (*raw_shape, 3)
+    voxels = int(np.prod(raw_shape))
+    if voxels > limits.max_voxels:
+        raise LimitError(
+            f"{label}: {' x '.join(map(str, raw_shape))} = {voxels:,} voxels, above the cap of "
+            f"{limits.max_voxels:,}. Upload a part of the series.",
+            source=label,
+        )
+    dummy = np.broadcast_to(np.zeros((), dtype=dtype), raw_shape)
+    oriented, affine = reorient_to_ras(dummy, plan.affine)
+    warnings = list(plan.warnings)
+    duplicates = [name for item in files for name in item.duplicates]
+    if duplicates:
+        warnings.append(
+            f"{label}: {len(duplicates)} repeated files (same SOP Instance UID) used once: {', '.join(duplicates[:5])}"
+        )
+    problems = sorted({codec_problem(item.uid) for item in files} - {""})
+    warnings.extend(f"{label}: {problem} Loading will fail until then." for problem in problems)
+    modality = str(ds.get("Modality", "") or "")
+    description = str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "").strip()
+    if plan.split_note:
+        description = f"{description} ({plan.split_note})".strip()
+    info = SeriesInfo(
+        id=series_id,
+        kind="dicom",
+        description=description,
+        modality=modality,
+        shape=tuple(int(n) for n in oriented.shape),
+        affine=affine,
+        dtype=str(np.dtype(dtype)),
+        warnings=tuple(warnings),
+        sources=tuple(item.name for item in files),
+        windows=_windows(ds),
+        is_rgb=fmt_rgb,
+    )
+    loader = _make_loader(plan, info, out_type, fmt_rgb, has_lut, modality, _unit(ds, modality))
+    return Series(info=info, loader=loader, headers=tuple(item.ds for item in files))
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def _make_loader(
+    plan: _Plan, info: SeriesInfo, out_type: OutputType, is_rgb: bool, has_lut: bool, modality: str, unit: str
+) -> Callable[[], Volume]:
+    def load() -> Volume:
+        buffer = _decode_plan(plan, out_type, is_rgb, has_lut)
+        # buffer is (T, K, rows, columns[, 3]); the volume is (columns, rows, K[, T][, 3]).
+        if plan.n_times > 1:
+            axes = (3, 2, 1, 0, 4) if is_rgb else (3, 2, 1, 0)
+            array = buffer.transpose(axes)
+        else:
+            array = buffer[0].transpose((2, 1, 0, 3) if is_rgb else (2, 1, 0))
+        array, affine = reorient_to_ras(array, plan.affine)
+        volume = Volume(
+            array=array,
+            affine=affine,
+            modality=modality,
+            unit=unit,
+            is_rgb=is_rgb,
+            display_inverted=plan.first.fmt.photometric == "MONOCHROME1",
+            description=info.description,
+        )
+        if volume.shape != info.shape or not np.array_equal(volume.affine, info.affine):
+            raise SeriesGeometryError(
+                f"{info.id}: loaded shape {volume.shape} differs from the scanned {info.shape} (internal error).",
+                source=info.id,
+            )
+        return volume
+
+    return load
+
+
+def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool) -> np.ndarray:
+    """Decode every needed frame once, straight into a (T, K, rows, columns[, 3]) buffer."""
+    shape: tuple[int, ...] = (plan.n_times, plan.n_slices, plan.rows, plan.columns)
+    if is_rgb:
+        shape = (*shape, 3)
+    buffer = np.empty(shape, dtype=out_type.dtype)
+    # Where each (file, frame) goes: mosaics fill a whole row of slices from one frame.
+    targets: dict[int, dict[int | None, list[tuple[int, int, Frame]]]] = defaultdict(lambda: defaultdict(list))
+    for t, row in enumerate(plan.grid):
+        for k, frame in enumerate(row):
+            targets[frame.file][frame.index].append((t, k, frame))
+    for file_index, by_frame in targets.items():
+        item = plan.files[file_index]
+        indices = None if list(by_frame) == [None] else sorted(i for i in by_frame if i is not None)
+        for number, pixels, full in iter_frames(item.source.data, item.name, indices):
+            key: int | None = None if indices is None else number
+            if is_rgb:
+                pixels = to_rgb8(pixels, full, item.fmt)
+            elif has_lut:
+                pixels = _modality_lut(pixels, full, item.name)
+            for t, k, frame in by_frame[key]:
+                tile = pixels if plan.tiles is None else _tile(item, pixels, plan.tiles[k])
+                slope, intercept = (1.0, 0.0) if (is_rgb or has_lut) else (frame.slope, frame.intercept)
+                store_frame(buffer[t, k], tile, slope, intercept, item.name, checked=out_type.checked)
+    return buffer
+
+
+def _tile(item: _File, pixels: np.ndarray, index: int) -> np.ndarray:
+    assert item.mosaic is not None
+    return item.mosaic.tile(pixels, index)
+
+
+def _modality_lut(pixels: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    except (*READ_ERRORS, RuntimeError) as err:
+        raise UnsupportedFileError(f"{name}: (0028,3000) Modality LUT cannot be applied ({err}).", source=name) from err

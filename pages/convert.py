@@ -1,0 +1,191 @@
+"""Convert page: the geometry QA of the current series, then NIfTI, DICOM, NRRD or MetaImage downloads."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.convert import ConvertOptions, Conversion, convert_batch, convert_series, download_name, output_stem
+from core.dicom_export import read_reference
+from core.errors import CoreError
+from core.qa import QAReport, qa_report
+from pages.common import current_scan, plain, require_volume, show_error, show_warning
+
+RESULT = "convert_result"  # {"key": ..., "conversion": Conversion} of the last conversion
+BATCH = "convert_batch"  # {"key": ..., "result": BatchResult}
+
+FORMATS = {
+    "NIfTI (.nii.gz)": ("nifti", True),
+    "NIfTI (.nii)": ("nifti", False),
+    "DICOM series (.zip)": ("dicom", True),
+    "NRRD (.nrrd)": ("nrrd", True),
+    "MetaImage (.mha)": ("mha", True),
+}
+
+st.title("Convert")
+series, volume = require_volume()
+info = series.info
+st.caption(f"Series {plain(info.id)}: {plain(info.description or info.kind)}")
+
+
+def _positions_figure(report: QAReport) -> go.Figure:
+    positions = report.positions_mm
+    steps = [0.0] + [b - a for a, b in zip(positions, positions[1:], strict=False)]
+    figure = go.Figure(
+        go.Scatter(
+            x=list(range(1, len(positions) + 1)),
+            y=positions,
+            mode="lines+markers",
+            customdata=steps,
+            hovertemplate="slice %{x}<br>%{y:.3f} mm<br>step %{customdata:.3f} mm<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        xaxis_title="slice",
+        yaxis_title="position along the slice normal (mm)",
+        height=300,
+        margin={"l": 10, "r": 10, "t": 10, "b": 10},
+    )
+    return figure
+
+
+# --- QA ----------------------------------------------------------------------
+st.subheader("Geometry check")
+try:
+    report = qa_report(series)
+except CoreError as err:
+    show_error(err.message)
+    st.stop()
+
+columns = st.columns(5)
+columns[0].metric("Slices", report.n_slices, help=f"{report.n_images} images")
+columns[1].metric("Median spacing", f"{report.spacing_median_mm:.4g} mm")
+columns[2].metric("Spacing min / max", f"{report.spacing_min_mm:.4g} / {report.spacing_max_mm:.4g} mm")
+columns[3].metric("Spacing variation", f"{report.spacing_variation:.2%}")
+columns[4].metric("Tilt", f"{report.tilt_deg:.2f}°")
+if report.note:
+    st.caption(f"Geometry from the volume's affine: {plain(report.note)}.")
+st.dataframe(
+    pd.DataFrame(
+        [
+            {"check": check.label, "result": "passed" if check.passed else "FAILED", "detail": check.detail}
+            for check in report.checks
+        ]
+    ),
+    hide_index=True,
+    width="stretch",
+)
+if report.n_slices > 1:
+    st.plotly_chart(_positions_figure(report), key="qa_positions")
+stem = output_stem(series)
+report_json = json.dumps(report.to_json(), indent=2).encode("utf-8")
+st.download_button(
+    "Download QA report (JSON)",
+    data=report_json,
+    file_name=download_name(f"{stem}_qa.json", report_json),
+    mime="application/json",
+    icon=":material/download:",
+)
+
+# --- options -----------------------------------------------------------------
+st.subheader("Convert this series")
+choice = st.radio("Format", list(FORMATS), horizontal=True, key="convert_format")
+target, compress = FORMATS[choice]
+is_dicom_source = info.kind == "dicom" and bool(series.headers)
+sidecar = False
+if target == "nifti" and is_dicom_source:
+    sidecar = st.checkbox(
+        "BIDS-style JSON sidecar (acquisition parameters only, no patient data)", key="convert_sidecar"
+    )
+strict = st.checkbox(
+    "Refuse uneven slice spacing or missing slices instead of resampling to equal spacing",
+    key="convert_strict",
+)
+reference = None
+reference_label = "none"
+if target == "dicom":
+    sources = ["No patient data (a new, anonymous study)"]
+    if is_dicom_source:
+        sources.append("Patient and study of this series")
+    sources.append("Patient and study of an uploaded DICOM file")
+    origin = st.radio("Patient and study attributes", sources, key="convert_reference_source")
+    if origin == "Patient and study of this series":
+        reference = series.headers[0]
+        reference_label = f"series:{info.id}"
+    elif origin == "Patient and study of an uploaded DICOM file":
+        upload = st.file_uploader("Reference DICOM file", type=None, key="convert_reference_file")
+        if upload is not None:
+            try:
+                reference = read_reference(upload.getvalue(), upload.name)
+                reference_label = f"file:{upload.file_id}"
+            except CoreError as err:
+                show_error(err.message)
+
+options = ConvertOptions(to=target, compress=compress, sidecar=sidecar, strict=strict, reference=reference)
+key = (info.id, target, compress, sidecar, strict, reference_label)
+
+if st.button("Convert", type="primary", icon=":material/swap_horiz:"):
+    try:
+        with st.spinner("Converting..."):
+            conversion = convert_series(series, options, volume=volume, stem=stem)
+        st.session_state[RESULT] = {"key": key, "conversion": conversion}
+    except CoreError as err:
+        st.session_state.pop(RESULT, None)
+        show_error(err.message)
+
+stored = st.session_state.get(RESULT)
+if stored is not None and stored["key"] == key:
+    conversion: Conversion = stored["conversion"]
+    for warning in conversion.warnings:
+        show_warning(warning)
+    if len(conversion.outputs) == 1:
+        name, data = conversion.outputs[0]
+    else:
+        data = conversion.zip_bytes()
+        name = f"{conversion.stem}.zip"
+    verified = " Read back and verified." if target == "dicom" else ""
+    st.success(f"{plain(conversion.primary)}: {len(data) / 1e6:.1f} MB.{verified}", icon=":material/check_circle:")
+    st.download_button(
+        f"Download {name}",
+        data=data,
+        file_name=download_name(name, data),
+        mime="application/octet-stream",
+        icon=":material/download:",
+        type="primary",
+    )
+
+# --- batch -------------------------------------------------------------------
+scan = current_scan()
+if scan is not None and len(scan.series) > 1:
+    st.subheader("Every series of the upload")
+    st.caption(
+        f"{len(scan.series)} series, one {choice} each, named like dcm2niix (series number and description), "
+        "with their QA reports, in one zip."
+    )
+    batch_key = (tuple(s.info.id for s in scan.series), *key[1:])
+    if st.button(f"Convert all {len(scan.series)} series", icon=":material/folder_zip:"):
+        bar = st.progress(0.0, text="Converting...")
+        result = convert_batch(
+            scan.series, options, progress=lambda fraction, text: bar.progress(fraction, text=plain(text))
+        )
+        bar.empty()
+        st.session_state[BATCH] = {"key": batch_key, "result": result}
+    batch = st.session_state.get(BATCH)
+    if batch is not None and batch["key"] == batch_key:
+        result = batch["result"]
+        for problem in result.problems:
+            show_error(f"{problem.source}: {problem.message}")
+        for conversion in result.conversions:
+            for warning in conversion.warnings:
+                show_warning(warning)
+        if result.conversions:
+            st.download_button(
+                f"Download {len(result.conversions)} conversions (.zip)",
+                data=result.data,
+                file_name=download_name("tomoforge_conversions.zip", result.data),
+                mime="application/zip",
+                icon=":material/download:",
+            )
