@@ -98,6 +98,8 @@ def test_open_sample_scan_shows_the_series_table(app_url: str, browser, tmp_path
     page.get_by_role("button", name="Open sample scan").click()
     page.get_by_text("1 series found").wait_for(timeout=60_000)
     wait_for_app_idle(page)
+    # The grid is a lazily loaded component: a skeleton first, then the table.
+    page.locator("[data-testid='stDataFrame']").wait_for(timeout=60_000)
     assert page.locator("[data-testid='stDataFrame']").count() == 1
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(tmp_path / "open_page.png"), full_page=True)

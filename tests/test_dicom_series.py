@@ -422,7 +422,7 @@ def test_signed_ct_with_intercept_stays_int16_and_overflow_is_refused_not_wrappe
     extreme = pixels.copy()
     extreme[0, 0, 0] = -32000  # -33024 HU does not fit int16
     broken = only_series(scan_dicom(make_series(extreme, rescale=(1.0, -1024.0))))
-    with pytest.raises(Exception, match="do not fit int16"):
+    with pytest.raises(UnsupportedFileError, match="do not fit int16"):
         broken.load()
 
 
