@@ -39,19 +39,20 @@ import io
 import re
 import secrets
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
-from pydicom.datadict import dictionary_has_tag, keyword_for_tag, repeater_has_tag
+from pydicom.datadict import dictionary_has_tag, keyword_for_tag, private_dictionaries, repeater_has_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from core.errors import CoreError, UnsupportedFileError
 from core.series import Problem
@@ -743,7 +744,9 @@ _MODIFIED_DATES_CODE = ("113107", "DCM", "Retain Longitudinal Temporal Informati
 
 # Our implementation class UID: a fixed 2.25 UID derived from the project name,
 # so it is the same in every export and says nothing about the source files.
-IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://tomoforge.invalid/implementation/1").int)
+IMPLEMENTATION_CLASS_UID = "2.25." + str(
+    uuid.uuid5(uuid.NAMESPACE_URL, "https://tomoforge.invalid/implementation/1").int
+)
 IMPLEMENTATION_VERSION_NAME = "TOMOFORGE_1"
 
 SECONDARY_CAPTURE_SOP_CLASSES = frozenset(
@@ -788,7 +791,9 @@ def resolve_action(code: str) -> str:
     try:
         return COMBINED_ACTIONS[code]
     except KeyError as err:
-        raise ValueError(f"unknown Table E.1-1 action code {code!r}; expected one of {ACTIONS} or {sorted(COMBINED_ACTIONS)}") from err
+        raise ValueError(
+            f"unknown Table E.1-1 action code {code!r}; expected one of {ACTIONS} or {sorted(COMBINED_ACTIONS)}"
+        ) from err
 
 
 def new_secret() -> bytes:
@@ -959,7 +964,9 @@ SAFE_TEXT_KEYWORDS = frozenset(
     }
 )
 _FREE_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "UN", "OB", "OW"})
-_NON_INSTANCE_UID_KEYWORD = re.compile(r".*(ClassUID|SyntaxUID|CodingSchemeUID|ContextGroupExtensionCreatorUID|MappingResourceUID|ContextUID)$")
+_NON_INSTANCE_UID_KEYWORD = re.compile(
+    r".*(ClassUID|SyntaxUID|CodingSchemeUID|ContextGroupExtensionCreatorUID|MappingResourceUID|ContextUID)$"
+)
 
 
 def is_registered_uid(uid: str) -> bool:
@@ -1117,8 +1124,10 @@ def _clean_dataset(ds: Dataset, ctx: _Context, depth: int) -> None:
                 del ds[tag]  # an unknown public attribute cannot be judged, so it does not leave
             elif vr == "SQ":
                 _clean_items(ds, tag, ctx, depth)
-            elif vr == "UI" and elem.value not in (None, "") and any(
-                _is_instance_uid(elem.keyword, str(v)) for v in (elem.value if elem.VM > 1 else [elem.value])
+            elif (
+                vr == "UI"
+                and elem.value not in (None, "")
+                and any(_is_instance_uid(elem.keyword, str(v)) for v in (elem.value if elem.VM > 1 else [elem.value]))
             ):
                 # Not in the table but still an instance UID (e.g. a newer attribute):
                 # remap it too, so no original UID survives.
@@ -1219,7 +1228,11 @@ def deidentify_dataset(
         rewritten file meta (MediaStorageSOPInstanceUID = the new
         SOPInstanceUID, our ImplementationClassUID) and a zeroed preamble.
     """
-    out = copy.deepcopy(ds)
+    # A plain Dataset copy: a FileDataset would carry the original file name and
+    # the in-memory buffer of the original bytes along with it.
+    out = Dataset()
+    for elem in ds:
+        out.add(copy.deepcopy(elem))
     original_meta = getattr(ds, "file_meta", None)
     ctx = _Context(uid_map=uid_map, date_shift_days=date_shift_days, overrides=dict(overrides or {}))
     _clean_dataset(out, ctx, 0)
@@ -1234,14 +1247,12 @@ def deidentify_dataset(
     out.DeidentificationMethodCodeSequence = DicomSequence([_code_item(c) for c in codes])
     out.LongitudinalTemporalInformationModified = "MODIFIED" if date_shift_days is not None else "REMOVED"
 
-    out.file_meta = _file_meta(out, original_meta)
+    out.file_meta = _file_meta(ds, out, original_meta)
     out.preamble = b"\x00" * 128
-    if hasattr(out, "filename"):
-        out.filename = None  # the original file name can itself identify the patient
     return out
 
 
-def _file_meta(ds: Dataset, original: FileMetaDataset | None) -> FileMetaDataset:
+def _file_meta(source: Dataset, ds: Dataset, original: FileMetaDataset | None) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
     if "SOPClassUID" in ds:
@@ -1250,8 +1261,12 @@ def _file_meta(ds: Dataset, original: FileMetaDataset | None) -> FileMetaDataset
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     syntax = original.get("TransferSyntaxUID") if original is not None else None
     if not syntax:
-        implicit = getattr(ds, "original_encoding", (False, True))[0]
-        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        # A file without meta (old ACR-NEMA style): keep the encoding it was read with.
+        implicit, little = getattr(source, "original_encoding", (False, True))
+        if little is False:
+            syntax = ExplicitVRBigEndian
+        else:
+            syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     meta.TransferSyntaxUID = UID(str(syntax))
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -1291,10 +1306,10 @@ def dataset_to_bytes(ds: Dataset) -> bytes:
 
 
 def looks_like_dicom(data: bytes) -> bool:
-    """A Part 10 file ("DICM" at byte 128) or a raw little-endian dataset starting in group 0002/0008."""
+    """A Part 10 file ("DICM" at byte 128) or a bare dataset whose first tag is in group 0002 or 0008."""
     if data[128:132] == b"DICM":
         return True
-    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] < b"\x00\x02"
+    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 
 
 def read_dicom(source: Source) -> Dataset:
@@ -1400,7 +1415,9 @@ def deidentify_sources(
         except CoreError as err:
             export.problems.append(Problem(source=source.name, message=err.message))
             continue
-        by_series.setdefault(str(ds.get("SeriesInstanceUID", "") or f"(no series UID) {source.name}"), []).append((source, ds))
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "") or f"(no series UID) {source.name}"), []).append(
+            (source, ds)
+        )
 
     index = 0
     for members in by_series.values():
@@ -1439,3 +1456,41 @@ def deidentify_sources(
                 )
             )
     return export
+
+
+def sources_from_headers(headers: Sequence[Any]) -> list[Source]:
+    """The original files behind DICOM header datasets, when pydicom read them from memory.
+
+    The series reader parses each file from an in-memory buffer, which pydicom
+    keeps as ``FileDataset.buffer``; that is how a page can export the files of
+    the current series without holding the upload twice. Datasets without a
+    buffer (built in memory, read from disk) are skipped. Names are neutral
+    ("instance_0001"), never the uploaded file names.
+    """
+    out: list[Source] = []
+    seen: set[int] = set()
+    for ds in headers:
+        buffer = getattr(ds, "buffer", None)
+        if not isinstance(buffer, io.BytesIO) or id(buffer) in seen:
+            continue
+        seen.add(id(buffer))
+        out.append(Source(name=f"instance_{len(out) + 1:04d}", data=buffer.getvalue()))
+    return out
+
+
+def is_known_private_creator(creator: str) -> bool:
+    """A private creator that pydicom's private dictionaries know (a vendor module name, not patient data).
+
+    The header view shows these even when identifying data is hidden; any
+    other creator string is masked, since a private block can be named anything.
+    """
+    return str(creator).strip() in private_dictionaries
+
+
+def zip_export(export: DeidentifiedExport) -> bytes:
+    """The files of an export in one zip (deflate level 1: DICOM pixels compress little, speed matters)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for item in export.files:
+            archive.writestr(item.name, item.data)
+    return buffer.getvalue()

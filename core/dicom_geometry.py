@@ -48,7 +48,7 @@ GAP_FACTOR = 1.5
 SHEAR_TOLERANCE_MM = 0.1
 
 
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal of the image plane, ``row direction x column direction`` (LPS).
 
     Parameters
@@ -77,7 +77,7 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / norm
 
 
-def normalized_orientation(orientation: Sequence[float]) -> np.ndarray:
+def normalized_orientation(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """IOP with each direction vector scaled to unit length (some writers round them)."""
     iop = np.asarray(orientation, dtype=np.float64).reshape(2, 3)
     norms = np.linalg.norm(iop, axis=1, keepdims=True)
@@ -88,7 +88,9 @@ def normalized_orientation(orientation: Sequence[float]) -> np.ndarray:
     return (iop / norms).ravel()
 
 
-def same_orientation(a: Sequence[float], b: Sequence[float], tolerance: float = ORIENTATION_TOLERANCE) -> bool:
+def same_orientation(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, tolerance: float = ORIENTATION_TOLERANCE
+) -> bool:
     """Whether two IOP values agree component-wise within ``tolerance``."""
     return bool(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))) <= tolerance)
 

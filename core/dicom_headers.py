@@ -137,7 +137,8 @@ def skip_reason(ds: Dataset, data: bytes) -> str:
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return "DICOMDIR (a directory of the media, no image)"
     # Deflated files compress the pixel data tag too, so the byte search cannot see it.
-    pixels_hidden = transfer_syntax(ds).is_deflated
+    uid = transfer_syntax(ds)
+    pixels_hidden = uid.is_transfer_syntax and uid.is_deflated
     if "Rows" not in ds or "Columns" not in ds or not (pixels_hidden or has_pixel_data(data)):
         return f"not an image: {sop_name} ({sop_class or 'no (0008,0016)'}) has no pixel data"
     if image_type_tokens(ds) & LOCALIZER_TYPES:

@@ -191,6 +191,56 @@ def _full_dataset(data: bytes, name: str) -> Dataset:
     return ds
 
 
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def native_frame(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
+    """A single grey frame read straight from the end of an uncompressed little-endian file.
+
+    Parsing the whole dataset again to reach pixels costs more than copying them
+    (REFERENCE.md section 7: 440 ms naive vs 170 ms for 300 CT slices). The pixel
+    data element is almost always the last one; its header is checked (tag, VR,
+    length) before the bytes are trusted. Returns None whenever the layout is not
+    exactly that, and the caller decodes with pydicom instead.
+
+    Returns
+    -------
+    (rows, columns) ndarray or None
+        Stored values with unused high bits masked (unsigned) or sign-extended
+        (signed), as pydicom does.
+    """
+    if str(uid) not in _NATIVE_LITTLE_ENDIAN or fmt.samples != 1 or fmt.float_data:
+        return None
+    if fmt.bits_allocated not in (8, 16, 32) or fmt.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    length = rows * columns * fmt.bits_allocated // 8
+    padded = length + (length % 2)
+    if padded + 12 > len(data):
+        return None
+    start = len(data) - padded
+    explicit = data[start - 12 : start]
+    implicit = data[start - 8 : start]
+    size = padded.to_bytes(4, "little")
+    if not (
+        (explicit[:4] == b"\xe0\x7f\x10\x00" and explicit[4:6] in (b"OW", b"OB") and explicit[8:12] == size)
+        or (implicit[:4] == b"\xe0\x7f\x10\x00" and implicit[4:8] == size)
+    ):
+        return None
+    dtype = fmt.stored_dtype.newbyteorder("<")
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start).reshape(rows, columns)
+    unused = fmt.bits_allocated - fmt.bits_stored
+    if unused > 0:
+        if fmt.signed:
+            pixels = (pixels << unused) >> unused
+        else:
+            pixels = pixels & np.asarray((1 << fmt.bits_stored) - 1, dtype=dtype)
+    return pixels
+
+
+# pydicom reports a failure of every plug-in as RuntimeError.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, RuntimeError)
+
+
 def iter_frames(data: bytes, name: str, indices: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray, Dataset]]:
     """Decode frames of one file.
 
@@ -231,7 +281,7 @@ def iter_frames(data: bytes, name: str, indices: Sequence[int] | None) -> Iterat
             yield index, frame, ds
     except MissingCodecError:
         raise
-    except (*READ_ERRORS, RuntimeError) as err:
+    except _DECODE_ERRORS as err:
         raise UnsupportedFileError(
             f"{name}: pixel data in '{uid.name}' cannot be decoded ({type(err).__name__}: {err}). "
             "The file may be truncated or damaged.",

@@ -24,6 +24,7 @@ negated), then the array is reoriented to the closest RAS+ axes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -65,6 +66,7 @@ from core.dicom_pixels import (
     PixelFormat,
     codec_problem,
     iter_frames,
+    native_frame,
     output_type,
     pixel_format,
     store_frame,
@@ -188,7 +190,7 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         Every input file appears in exactly one of series sources, skipped or errors.
     """
     result = ScanResult()
-    files = _read_files(sources, result)
+    files = _read_files(sources, result, limits)
     plans: list[_Plan] = []
     for group in _group_files(files):
         try:
@@ -198,6 +200,7 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
             for name in names:
                 result.errors.append(Problem(source=name, message=err.message))
     plans = _skip_derived_singles(plans, result)
+    _note_split_series(plans)
     plans.sort(key=_plan_sort_key)
     counters: dict[str, int] = defaultdict(int)
     for plan in plans:
@@ -208,17 +211,38 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         try:
             result.series.append(_make_series(plan, series_id, limits))
         except CoreError as err:
-            for item in plan.files:
+            for item in _plan_files_in_order(plan):
                 result.errors.append(Problem(source=item.name, message=err.message))
     return result
+
+
+def _note_split_series(plans: list[_Plan]) -> None:
+    """Say so when one Series Instance UID gave several volumes (never a silent split)."""
+    by_series: dict[tuple[Any, ...], list[_Plan]] = defaultdict(list)
+    for plan in plans:
+        by_series[_series_key(plan.first.ds)].append(plan)
+    for members in by_series.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=_plan_sort_key)
+        for number, plan in enumerate(members, start=1):
+            if plan.split_note:
+                continue  # the orientation split already says why
+            plan.split_note = f"volume {number} of {len(members)}"
+            plan.warnings.insert(
+                0,
+                f"{series_label(plan.first.ds)}: this series holds {len(members)} volumes that cannot be stacked "
+                "(they differ in image size, pixel spacing, echo, image type, stack or position); this is volume "
+                f"{number}.",
+            )
 
 
 # --- reading -----------------------------------------------------------------
 
 
-def _read_files(sources: Sequence[Source], result: ScanResult) -> list[_File]:
+def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -> list[_File]:
     files: list[_File] = []
-    by_sop: dict[str, _File] = {}
+    by_sop: dict[tuple[Any, ...], _File] = {}
     for source in sources:
         if not is_dicom(source.data):
             result.errors.append(
@@ -233,7 +257,7 @@ def _read_files(sources: Sequence[Source], result: ScanResult) -> list[_File]:
             if reason:
                 result.skipped.append(Skipped(source.name, reason))
                 continue
-            sop = str(ds.get("SOPInstanceUID", "") or "")
+            sop = _instance_key(ds)
             if sop and sop in by_sop:
                 kept = by_sop[sop]
                 kept.duplicates.append(source.name)
@@ -244,7 +268,7 @@ def _read_files(sources: Sequence[Source], result: ScanResult) -> list[_File]:
                 )
                 continue
             item = _File(source=source, ds=ds, fmt=pixel_format(ds), uid=transfer_syntax(ds))
-            _describe_frames(item, len(files))
+            _describe_frames(item, len(files), limits)
         except CoreError as err:
             result.errors.append(
                 Problem(source.name, err.message if source.name in err.message else f"{source.name}: {err.message}")
@@ -261,11 +285,37 @@ def _read_files(sources: Sequence[Source], result: ScanResult) -> list[_File]:
     return files
 
 
-def _describe_frames(item: _File, index: int) -> None:
+def _instance_key(ds: Dataset) -> tuple[Any, ...]:
+    """Identity of an image: its SOP Instance UID, plus where it is.
+
+    The same UID at another position or instance number is a broken anonymizer
+    reusing UIDs, not a repeated copy, so those files are kept.
+    """
+    sop = str(ds.get("SOPInstanceUID", "") or "")
+    if not sop:
+        return ()
+    # Positions compared as numbers: a re-encoded copy may format the same DS value differently.
+    try:
+        position = tuple(round(float(v), 2) for v in ds.get("ImagePositionPatient") or ())
+    except (TypeError, ValueError):
+        position = (str(ds.get("ImagePositionPatient", "")),)
+    return (sop, position, str(ds.get("InstanceNumber", "")))
+
+
+def _describe_frames(item: _File, index: int, limits: Limits) -> None:
     """Fill ``item.frames`` (and ``item.mosaic``) from its header."""
     ds = item.ds
-    if int(ds.Rows) <= 0 or int(ds.Columns) <= 0:
-        raise UnsupportedFileError(f"{item.name}: image of {ds.Rows}x{ds.Columns} pixels", source=item.name)
+    rows, columns, count = int(ds.Rows), int(ds.Columns), number_of_frames(ds)
+    if rows <= 0 or columns <= 0:
+        raise UnsupportedFileError(f"{item.name}: image of {rows}x{columns} pixels", source=item.name)
+    # Checked before one record per frame is made: a header can claim 10^9 frames.
+    declared = rows * columns * count * item.fmt.samples
+    if declared > limits.max_voxels:
+        raise LimitError(
+            f"{item.name}: declares {count} frames of {rows}x{columns} pixels ({declared:,} values), above the "
+            f"cap of {limits.max_voxels:,}. Split the file or raise the limit.",
+            source=item.name,
+        )
     if is_mosaic(ds) and number_of_frames(ds) == 1:
         item.mosaic = mosaic_layout(ds, item.label)
         item.frames = classic_frames(ds, index)
@@ -308,7 +358,7 @@ def _group_files(files: list[_File]) -> list[list[_File]]:
         common = (_series_key(ds), int(ds.Rows), int(ds.Columns), item.fmt.samples, item.fmt.is_rgb)
         if item.mosaic is not None:
             frame = item.frames[0]
-            key = (
+            key: tuple[Any, ...] = (
                 "mosaic",
                 *common,
                 item.mosaic.n_slices,
@@ -337,7 +387,14 @@ def _plan_group(group: list[_File]) -> list[_Plan]:
     # Renumber frames to index into this group's file list.
     local = [_with_file(frame, n) for n, item in enumerate(group) for frame in item.frames]
     if all(frame.has_geometry for frame in local):
-        return _plan_stacks(group, local)
+        # Enhanced files can hold several echoes, frame types or stacks: one volume each.
+        parts: dict[tuple[Any, ...], list[Frame]] = {}
+        for frame in local:
+            parts.setdefault(frame.split, []).append(frame)
+        plans = []
+        for frames in parts.values():
+            plans.extend(_plan_stacks(group, frames))
+        return plans
     if any(frame.has_geometry for frame in local):
         label = first.label
         missing = sum(not f.has_geometry for f in local)
@@ -350,9 +407,7 @@ def _plan_group(group: list[_File]) -> list[_Plan]:
 
 
 def _with_file(frame: Frame, file: int) -> Frame:
-    copy = Frame(**{**frame.__dict__})
-    copy.file = file
-    return copy
+    return dataclasses.replace(frame, file=file)
 
 
 def _plan_stacks(group: list[_File], frames: list[Frame]) -> list[_Plan]:
@@ -377,6 +432,14 @@ def _plan_stacks(group: list[_File], frames: list[Frame]) -> list[_Plan]:
 
 
 def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
+    """Sort frames of one orientation along the normal; equal positions become time points.
+
+    Raises
+    ------
+    SeriesGeometryError
+        Images at one level but apart in-plane, unequal image counts per position,
+        or several images per position that no attribute orders in time.
+    """
     first = group[frames[0].file]
     orientation = frames[0].orientation
     normal = slice_normal(orientation)  # type: ignore[arg-type]
@@ -397,7 +460,7 @@ def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
         worst = int(np.argmax(counts))
         raise SeriesGeometryError(
             f"{label}: slice positions hold {min(counts)}-{max(counts)} images each (e.g. {counts[worst]} images at "
-            f"{distances_label(slices[worst][0], normal)}), so they are neither one volume nor a complete time series. "
+            f"{_distance_label(slices[worst][0], normal)}), so they are neither one volume nor a complete time series. "
             "Remove the duplicate or extra images, or upload one acquisition at a time.",
             source=label,
         )
@@ -436,8 +499,15 @@ def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
     )
 
 
-def distances_label(frame: Frame, normal: np.ndarray) -> str:
+def _distance_label(frame: Frame, normal: np.ndarray) -> str:
     return f"{float(frame.position @ normal):.3f} mm along the slice normal"  # type: ignore[operator]
+
+
+def _temporal_key(key: str) -> Callable[[Frame], Any]:
+    def value(frame: Frame) -> Any:
+        return frame.temporal[key]
+
+    return value
 
 
 def _order_in_time(slices: list[list[Frame]], label: str) -> tuple[list[list[Frame]], str]:
@@ -448,9 +518,9 @@ def _order_in_time(slices: list[list[Frame]], label: str) -> tuple[list[list[Fra
             continue
         if any(len(set(row)) != len(row) for row in values):
             continue
-        if key in _DISCRETE_TIME_KEYS and len({tuple(sorted(row)) for row in values}) != 1:
+        if key in _DISCRETE_TIME_KEYS and len({tuple(sorted(row)) for row in values}) != 1:  # type: ignore[type-var]
             continue
-        ordered = [sorted(members, key=lambda f, k=key: f.temporal[k]) for members in slices]
+        ordered = [sorted(members, key=_temporal_key(key)) for members in slices]
         return ordered, key
     count = len(slices[0])
     raise SeriesGeometryError(
@@ -752,7 +822,12 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
     for file_index, by_frame in targets.items():
         item = plan.files[file_index]
         indices = None if list(by_frame) == [None] else sorted(i for i in by_frame if i is not None)
-        for number, pixels, full in iter_frames(item.source.data, item.name, indices):
+        fast = None
+        if indices is None and not (is_rgb or has_lut):
+            rows, columns = int(item.ds.Rows), int(item.ds.Columns)
+            fast = native_frame(item.source.data, item.uid, rows, columns, item.fmt)
+        decoded = [(0, fast, item.ds)] if fast is not None else iter_frames(item.source.data, item.name, indices)
+        for number, pixels, full in decoded:
             key: int | None = None if indices is None else number
             if is_rgb:
                 pixels = to_rgb8(pixels, full, item.fmt)
@@ -770,10 +845,13 @@ def _tile(item: _File, pixels: np.ndarray, index: int) -> np.ndarray:
     return item.mosaic.tile(pixels, index)
 
 
+_LUT_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, RuntimeError)
+
+
 def _modality_lut(pixels: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     try:
         return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    except (*READ_ERRORS, RuntimeError) as err:
+    except _LUT_ERRORS as err:
         raise UnsupportedFileError(f"{name}: (0028,3000) Modality LUT cannot be applied ({err}).", source=name) from err

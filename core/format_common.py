@@ -12,21 +12,29 @@ from __future__ import annotations
 import bz2
 import math
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from core.errors import LimitError, SeriesGeometryError, UnsupportedFileError
 from core.series import Series, SeriesInfo
 from core.sources import Limits, Source
 from core.volume import Volume, reorient_to_ras
 
+_zlib: ModuleType
 try:  # python-isal inflates about twice as fast as zlib with the same API.
-    from isal import isal_zlib as _zlib
+    from isal import isal_zlib
+
+    _zlib = isal_zlib
+    _INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, isal_zlib.error)  # type: ignore[assignment]
 except ImportError:  # pragma: no cover - isal is in requirements.txt
-    import zlib as _zlib  # type: ignore[no-redef]
+    _zlib = zlib
+    _INFLATE_ERRORS = (zlib.error,)
 
 SUPPORTED = (
     "TomoForge reads DICOM, NIfTI-1/NIfTI-2 (.nii, .nii.gz), Analyze 7.5 or NIfTI pairs (.hdr + .img), "
@@ -59,9 +67,7 @@ def is_gzip(data: bytes | bytearray | memoryview) -> bool:
 # --------------------------------------------------------------------------- caps
 
 
-def check_declared_size(
-    name: str, shape: Sequence[int], itemsize: int, limits: Limits, *, what: str = "image"
-) -> int:
+def check_declared_size(name: str, shape: Sequence[int], itemsize: int, limits: Limits, *, what: str = "image") -> int:
     """Refuse a header whose declared size exceeds the caps, before anything is allocated.
 
     Parameters
@@ -129,13 +135,19 @@ def _zlib_wbits(data: bytes | bytearray | memoryview) -> int:
     return 31 if is_gzip(data) else 15
 
 
-def _inflate_into(out: bytearray, data: memoryview, cap: int, *, name: str, what: str) -> None:
+def _inflate_into(out: bytearray, data: memoryview, cap: int, *, name: str, what: str) -> bool:
     """Append the inflated stream(s) of ``data`` to ``out``, stopping once ``len(out) > cap``.
 
     Input is fed in chunks and output is requested with a size limit, so a bomb
     never inflates more than ``cap + 1`` bytes. isal may buffer output
     internally (its ``unconsumed_tail`` can be empty while output is pending),
     hence the drain loop that asks again until nothing comes back.
+
+    Returns
+    -------
+    bool
+        The last stream ended properly (zlib then has checked its CRC); False when
+        the input ran out first (truncated or damaged) or the cap was reached.
     """
     view = data
     pos = 0
@@ -144,7 +156,7 @@ def _inflate_into(out: bytearray, data: memoryview, cap: int, *, name: str, what
         while len(out) <= cap:
             if pos >= len(view):
                 out += inflater.flush()
-                return
+                return bool(inflater.eof)
             piece = inflater.decompress(view[pos : pos + _CHUNK], cap + 1 - len(out))
             pos += _CHUNK
             while True:
@@ -163,8 +175,9 @@ def _inflate_into(out: bytearray, data: memoryview, cap: int, *, name: str, what
                     pos = 0
                     inflater = _zlib.decompressobj(31)
                     continue
-                return
-    except _zlib.error as err:
+                return True
+        return False
+    except _INFLATE_ERRORS as err:
         raise UnsupportedFileError(
             f"{name}: the {what} is damaged ({err}). Re-create the file and upload it again.",
             source=name,
@@ -220,7 +233,7 @@ def inflate_capped(
     """
     cap = expected + INFLATE_SLACK_BYTES
     out = bytearray()
-    _inflate_into(out, memoryview(data), cap, name=name, what=what)
+    complete = _inflate_into(out, memoryview(data), cap, name=name, what=what)
     if len(out) > cap:
         raise LimitError(
             f"{name}: the {what} inflates to more than the {expected:,} bytes its header declares "
@@ -228,6 +241,13 @@ def inflate_capped(
             source=name,
         )
     require_bytes(name, len(out), expected, what=f"the decompressed {what}")
+    if not complete:
+        # Without the end of the stream zlib has not checked the CRC: the bytes may be garbage.
+        raise UnsupportedFileError(
+            f"{name}: the {what} stops before its end marker; the file is truncated or damaged. "
+            "Upload the complete file.",
+            source=name,
+        )
     del out[expected:]
     return out
 
@@ -302,7 +322,9 @@ def resolve_data_file(reference: str, header: Source, upload: Sequence[Source], 
     """
     ref = reference.strip().strip('"').replace("\\", "/")
     if not ref:
-        raise UnsupportedFileError(f"{header.name}: {field} is empty; the header names no data file.", source=header.name)
+        raise UnsupportedFileError(
+            f"{header.name}: {field} is empty; the header names no data file.", source=header.name
+        )
     if ref.startswith(("/", "~")) or _WINDOWS_ABSOLUTE.match(ref) or "://" in ref:
         raise UnsupportedFileError(
             f"{header.name}: {field} = '{reference.strip()}' is an absolute path. For safety TomoForge only "
@@ -372,7 +394,7 @@ def to_value_dtype(array: np.ndarray) -> np.ndarray:
 
 
 def complete_affine(
-    linear: np.ndarray, origin: Sequence[float], spatial_shape: Sequence[int], *, name: str
+    linear: npt.ArrayLike, origin: npt.ArrayLike, spatial_shape: Sequence[int], *, name: str
 ) -> np.ndarray:
     """Build a 4x4 voxel -> RAS affine and repair a missing step along a single-voxel axis.
 
@@ -414,7 +436,7 @@ def complete_affine(
             )
         a, b = [m[:, other] for other in range(3) if other != axis]
         normal = np.cross(a, b) if axis != 1 else np.cross(b, a)
-        length = np.linalg.norm(normal)
+        length = float(np.linalg.norm(normal))
         if length < 1e-12:
             normal = np.eye(3)[axis]
             length = 1.0
@@ -479,7 +501,7 @@ def make_series(
     kind: str,
     shape: Sequence[int],
     affine: np.ndarray,
-    dtype: np.dtype | str,
+    dtype: npt.DTypeLike,
     decode: Callable[[], np.ndarray],
     headers: Sequence[Any],
     sources: Sequence[Source] = (),

@@ -10,6 +10,7 @@ stack go up (superior) 1 mm apart.
 from __future__ import annotations
 
 import io
+import struct
 import warnings as _warnings
 
 import numpy as np
@@ -50,8 +51,15 @@ _MODES: dict[str, tuple[str | None, str, bool, str]] = {
 }
 
 
+# What Pillow raises on damaged files: besides OSError it lets TypeError/KeyError/struct.error
+# escape from the TIFF tag parser (found by fuzzing).
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError, EOFError, struct.error, ZeroDivisionError,
+)  # fmt: skip
+
+
 def image_format(data: bytes) -> str | None:
-    """"PNG", "JPEG" or "TIFF" from the magic bytes, else None."""
+    """ "PNG", "JPEG" or "TIFF" from the magic bytes, else None."""
     head = bytes(data[:8])
     for magic, name in _MAGICS.items():
         if head.startswith(magic):
@@ -68,8 +76,10 @@ def _open(source: Source, fmt: str):  # type: ignore[no-untyped-def]
             _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(source.data), formats=[fmt])
     except Image.DecompressionBombError as err:
-        raise LimitError(f"{source.name}: {err} Downsample the picture before uploading it.", source=source.name) from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise LimitError(
+            f"{source.name}: {err} Downsample the picture before uploading it.", source=source.name
+        ) from err
+    except (UnidentifiedImageError, *_PIL_ERRORS) as err:
         raise UnsupportedFileError(
             f"{source.name}: looks like {fmt} but cannot be opened ({err}). The file is damaged.", source=source.name
         ) from err
@@ -92,7 +102,12 @@ def read_image(source: Source, limits: Limits) -> Series:
     if fmt is None:
         raise UnsupportedFileError(f"{source.name}: not a PNG, JPEG or TIFF file.", source=source.name)
     image = _open(source, fmt)
-    n_pages = int(getattr(image, "n_frames", 1) or 1)
+    try:
+        n_pages = int(getattr(image, "n_frames", 1) or 1)
+    except _PIL_ERRORS as err:
+        raise UnsupportedFileError(
+            f"{source.name}: the {fmt} page directory is damaged ({err}).", source=source.name
+        ) from err
     size, mode = image.size, image.mode
     if mode not in _MODES:
         raise UnsupportedFileError(
@@ -106,15 +121,17 @@ def read_image(source: Source, limits: Limits) -> Series:
         for page in range(1, n_pages):
             try:
                 image.seek(page)
-            except (EOFError, OSError, ValueError) as err:
-                raise UnsupportedFileError(f"{source.name}: page {page + 1} cannot be read ({err}).", source=source.name) from err
+            except _PIL_ERRORS as err:
+                raise UnsupportedFileError(
+                    f"{source.name}: page {page + 1} cannot be read ({err}).", source=source.name
+                ) from err
             if image.size != size or image.mode != mode:
                 raise UnsupportedFileError(
                     f"{source.name}: page {page + 1} is {image.size[0]}x{image.size[1]} {image.mode} but page 1 is "
                     f"{size[0]}x{size[1]} {mode}; a stack needs equal pages. Save each page as its own file.",
                     source=source.name,
                 )
-        image.seek(0)
+        image.seek(0)  # page 1 was read before: cannot fail
     notes = [note] if note else []
     notes.append("no physical pixel size in the file: 1 mm pixels assumed; distances are in pixels")
     if n_pages > 1:
@@ -136,7 +153,7 @@ def read_image(source: Source, limits: Limits) -> Series:
                 frame = picture.convert(convert) if convert else picture
                 pixels = np.asarray(frame)
                 pages.append(np.swapaxes(pixels, 0, 1).astype(dtype, copy=False))  # (rows, cols) -> (i=col, j=row)
-        except (OSError, ValueError, SyntaxError) as err:
+        except _PIL_ERRORS as err:
             raise UnsupportedFileError(f"{name}: the {fmt} pixels cannot be decoded ({err}).", source=name) from err
         return np.stack(pages, axis=2)
 

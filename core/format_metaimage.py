@@ -125,7 +125,37 @@ def _numbers(fields: dict[str, str], name: str, *keys: str) -> list[float] | Non
     try:
         return [float(v) for v in text.split()]
     except ValueError as err:
-        raise UnsupportedFileError(f"{name}: MetaImage {keys[0]} = '{text}' is not a list of numbers.", source=name) from err
+        raise UnsupportedFileError(
+            f"{name}: MetaImage {keys[0]} = '{text}' is not a list of numbers.", source=name
+        ) from err
+
+
+def _integer(fields: dict[str, str], name: str, key: str, default: int) -> int:
+    text = _get(fields, key)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise UnsupportedFileError(f"{name}: MetaImage {key} = '{text}' is not a number.", source=name) from err
+    if not value.is_integer():
+        raise UnsupportedFileError(f"{name}: MetaImage {key} = '{text}' is not an integer.", source=name)
+    return int(value)
+
+
+def _text_values(view: memoryview, count: int, dtype: np.dtype, label: str) -> np.ndarray:
+    """Numbers of an ASCII MetaImage (``BinaryData = False``)."""
+    try:
+        values = np.array(bytes(view).split(), dtype=np.float64)
+    except ValueError as err:
+        raise UnsupportedFileError(
+            f"{label}: the text pixel data holds something that is not a number.", source=label
+        ) from err
+    if values.size < count:
+        raise UnsupportedFileError(
+            f"{label}: the text data holds {values.size:,} numbers but the header declares {count:,}.", source=label
+        )
+    return values[:count].astype(dtype.newbyteorder("="))
 
 
 def _true(value: str | None) -> bool:
@@ -141,11 +171,15 @@ def _data_files(spec: str, listing: list[str], name: str) -> list[str]:
     if len(tokens) >= 4 and "%" in tokens[0]:
         fmt = tokens[0]
         if not re.fullmatch(r"[^%]*%0?\d*d[^%]*", fmt):
-            raise UnsupportedFileError(f"{name}: ElementDataFile pattern '{fmt}' must hold exactly one %d.", source=name)
+            raise UnsupportedFileError(
+                f"{name}: ElementDataFile pattern '{fmt}' must hold exactly one %d.", source=name
+            )
         try:
             first, last, step = int(tokens[1]), int(tokens[2]), int(tokens[3])
         except ValueError as err:
-            raise UnsupportedFileError(f"{name}: ElementDataFile pattern numbers are not integers.", source=name) from err
+            raise UnsupportedFileError(
+                f"{name}: ElementDataFile pattern numbers are not integers.", source=name
+            ) from err
         if step == 0 or (last - first) / step < 0 or abs((last - first) // step) + 1 > MAX_DATA_FILES:
             raise UnsupportedFileError(f"{name}: ElementDataFile pattern range is invalid.", source=name)
         return [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
@@ -179,22 +213,23 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
     warnings: list[str] = []
     object_type = _get(fields, "ObjectType")
     if object_type is not None and object_type.lower() != "image":
-        raise UnsupportedFileError(f"{name}: MetaImage ObjectType = {object_type}; only Image is supported.", source=name)
+        raise UnsupportedFileError(
+            f"{name}: MetaImage ObjectType = {object_type}; only Image is supported.", source=name
+        )
     ndims_text = _get(fields, "NDims")
     dims_list = _numbers(fields, name, "DimSize")
     type_name = (_get(fields, "ElementType") or "").upper()
     if ndims_text is None or dims_list is None or not type_name:
         raise UnsupportedFileError(f"{name}: a MetaImage header needs NDims, DimSize and ElementType.", source=name)
-    try:
-        ndims = int(ndims_text)
-    except ValueError as err:
-        raise UnsupportedFileError(f"{name}: NDims = '{ndims_text}' is not an integer.", source=name) from err
+    ndims = _integer(fields, name, "NDims", 0)
+    if not all(float(v).is_integer() for v in dims_list):
+        raise UnsupportedFileError(f"{name}: DimSize {dims_list} are not integers.", source=name)
     dims = [int(v) for v in dims_list]
     if ndims not in (2, 3, 4) or len(dims) != ndims:
         raise UnsupportedFileError(
             f"{name}: NDims = {ndims} with DimSize {dims}; only 2D, 3D and 4D MetaImages are supported.", source=name
         )
-    channels = int(float(_get(fields, "ElementNumberOfChannels") or 1))
+    channels = _integer(fields, name, "ElementNumberOfChannels", 1)
     base_type = type_name[: -len("_ARRAY")] if type_name.endswith("_ARRAY") else type_name
     if base_type not in _TYPES:
         raise UnsupportedFileError(f"{name}: ElementType = {type_name} is not supported.", source=name)
@@ -252,13 +287,16 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
     if spec.strip().upper() == "LOCAL":
         pieces: list[Source] = []
     else:
-        pieces = [resolve_data_file(ref, source, upload, field="ElementDataFile") for ref in _data_files(spec, listing, name)]
+        pieces = [
+            resolve_data_file(ref, source, upload, field="ElementDataFile") for ref in _data_files(spec, listing, name)
+        ]
         if nbytes % len(pieces):
-            raise UnsupportedFileError(f"{name}: {len(pieces)} data files cannot evenly hold {nbytes:,} bytes.", source=name)
+            raise UnsupportedFileError(
+                f"{name}: {len(pieces)} data files cannot evenly hold {nbytes:,} bytes.", source=name
+            )
     per_piece = nbytes // max(len(pieces), 1)
-    header_size = int(float(_get(fields, "HeaderSize") or 0))
-    compressed_size_text = _get(fields, "CompressedDataSize")
-    compressed_size = int(float(compressed_size_text)) if compressed_size_text and not pieces else None
+    header_size = _integer(fields, name, "HeaderSize", 0)
+    compressed_size = _integer(fields, name, "CompressedDataSize", 0) if not pieces else 0
 
     def piece_bytes(piece: Source | None) -> memoryview:
         if piece is None:
@@ -269,28 +307,22 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
                 view = view[header_size:]
             elif header_size == -1 and binary and not compressed:
                 view = view[len(view) - per_piece :] if len(view) >= per_piece else view
-        if compressed and compressed_size is not None and 0 < compressed_size <= len(view):
+        if compressed and 0 < compressed_size <= len(view):
             view = view[:compressed_size]
         return view
 
+    targets: list[Source | None] = list(pieces) or [None]  # None: the data attached to the header
     if binary and not compressed:
-        for piece in pieces or [None]:
+        for piece in targets:
             require_bytes(piece.name if piece else name, len(piece_bytes(piece)), per_piece, what="the pixel data")
 
     def decode() -> np.ndarray:
         decoded: list[bytes | bytearray | memoryview | np.ndarray] = []
-        for piece in pieces or [None]:
+        for piece in targets:
             label = piece.name if piece else name
             view = piece_bytes(piece)
             if not binary:
-                values = np.array(bytes(view).split(), dtype=np.float64)
-                count = per_piece // raw_dtype.itemsize
-                if values.size < count:
-                    raise UnsupportedFileError(
-                        f"{label}: the text data holds {values.size:,} numbers but the header declares {count:,}.",
-                        source=label,
-                    )
-                decoded.append(values[:count].astype(raw_dtype.newbyteorder("=")))
+                decoded.append(_text_values(view, per_piece // raw_dtype.itemsize, raw_dtype, label))
             elif compressed:
                 decoded.append(inflate_capped(view, per_piece, name=label, what="compressed pixel data"))
             else:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from nibabel.nifti1 import Nifti1Header, Nifti1PairHeader
@@ -41,7 +42,7 @@ from core.sources import Limits, Source
 
 # Extensions between the header and the pixels are small (a few kB of JSON or DICOM);
 # a header pointing its pixels further than this is damaged or hostile.
-MAX_VOX_OFFSET = 64 * 1024**2
+MAX_VOX_OFFSET = 16 * 1024**2
 # World distance (mm) above which sform and qform are said to disagree.
 FORM_TOLERANCE_MM = 1e-3
 
@@ -86,7 +87,7 @@ def sniff_header(head: bytes) -> HeaderKind | None:
     return None
 
 
-def _header_class(kind: HeaderKind) -> type:
+def _header_class(kind: HeaderKind) -> Any:
     if kind.family == "nifti2":
         return Nifti2Header if kind.single else Nifti2PairHeader
     if kind.family == "nifti1":
@@ -240,7 +241,11 @@ def apply_scaling(raw: np.ndarray, slope: float, inter: float, out_dtype: np.dty
         high = int(raw.max()) + shift if raw.size else 0
         target = np.dtype(out_dtype)
         for candidate in (target, np.dtype(np.int32), np.dtype(np.int64)):
-            if candidate.itemsize >= target.itemsize and np.iinfo(candidate).min <= low and high <= np.iinfo(candidate).max:
+            if (
+                candidate.itemsize >= target.itemsize
+                and np.iinfo(candidate).min <= low
+                and high <= np.iinfo(candidate).max
+            ):
                 target = candidate
                 break
         out = raw.astype(target)
@@ -286,6 +291,14 @@ def _usable(matrix: np.ndarray | None, spatial: Sequence[int], name: str) -> np.
         return None
 
 
+def _form(getter: Callable[[], Any], name: str, what: str) -> Any:
+    """Call a nibabel geometry getter, turning its complaints into a message for the user."""
+    try:
+        return getter()
+    except (ValueError, HeaderDataError) as err:
+        raise SeriesGeometryError(f"{name}: the header's {what} cannot be used ({err}).", source=name) from err
+
+
 def nifti_affine(hdr, spatial: Sequence[int], name: str) -> tuple[np.ndarray, list[str]]:  # type: ignore[no-untyped-def]
     """Voxel -> RAS affine of a NIfTI/Analyze header, and warnings about how it was chosen.
 
@@ -295,14 +308,19 @@ def nifti_affine(hdr, spatial: Sequence[int], name: str) -> tuple[np.ndarray, li
     """
     warnings: list[str] = []
     if isinstance(hdr, Spm2AnalyzeHeader):
-        affine = complete_affine(hdr.get_best_affine()[:3, :3], hdr.get_best_affine()[:3, 3], spatial, name=name)
+        best = _form(hdr.get_best_affine, name, "voxel sizes and origin")
+        affine = complete_affine(best[:3, :3], best[:3, 3], spatial, name=name)
         warnings.append(
             "Analyze 7.5 stores no orientation: assumed LAS (radiological) from the voxel sizes and the SPM "
             "origin, as nibabel does; check left and right against a known landmark"
         )
         return affine, warnings
-    sform, scode = hdr.get_sform(coded=True)
-    qform, qcode = hdr.get_qform(coded=True)
+    sform, scode = _form(lambda: hdr.get_sform(coded=True), name, "sform")
+    try:
+        qform, qcode = hdr.get_qform(coded=True)
+    except (ValueError, HeaderDataError) as err:  # nibabel refuses non-unit quaternions, bad qfac
+        warnings.append(f"the qform quaternion is invalid ({err}) and was ignored")
+        qform, qcode = None, 0
     scode, qcode = int(scode), int(qcode)
     s_ok = _usable(sform, spatial, name) if scode > 0 else None
     q_ok = _usable(qform, spatial, name) if qcode > 0 else None
@@ -322,7 +340,7 @@ def nifti_affine(hdr, spatial: Sequence[int], name: str) -> tuple[np.ndarray, li
         return s_ok, warnings
     if q_ok is not None:
         return q_ok, warnings
-    base = hdr.get_base_affine()
+    base = _form(hdr.get_base_affine, name, "voxel sizes")
     warnings.append(
         "neither sform nor qform is set: the orientation is unknown; the voxel sizes are used with x "
         "flipped (LAS), as nibabel does; check left and right against a known landmark"

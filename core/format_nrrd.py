@@ -165,9 +165,13 @@ def _expand_pattern(tokens: Sequence[str], name: str) -> list[str]:
     try:
         first, last, step = int(tokens[1]), int(tokens[2]), int(tokens[3])
     except ValueError as err:
-        raise UnsupportedFileError(f"{name}: data file pattern numbers {tokens[1:4]} are not integers.", source=name) from err
+        raise UnsupportedFileError(
+            f"{name}: data file pattern numbers {tokens[1:4]} are not integers.", source=name
+        ) from err
     if step == 0 or (last - first) / step < 0 or abs((last - first) // step) + 1 > MAX_DATA_FILES:
-        raise UnsupportedFileError(f"{name}: data file pattern range {first}..{last} step {step} is invalid.", source=name)
+        raise UnsupportedFileError(
+            f"{name}: data file pattern range {first}..{last} step {step} is invalid.", source=name
+        )
     return [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
 
 
@@ -175,7 +179,9 @@ def _numbers(text: str, name: str, field: str) -> list[float]:
     try:
         return [float(v) for v in re.split(r"[\s,]+", text.strip()) if v]
     except ValueError as err:
-        raise UnsupportedFileError(f"{name}: NRRD field '{field}: {text}' is not a list of numbers.", source=name) from err
+        raise UnsupportedFileError(
+            f"{name}: NRRD field '{field}: {text}' is not a list of numbers.", source=name
+        ) from err
 
 
 def _vectors(text: str, name: str, field: str) -> list[list[float] | None]:
@@ -353,7 +359,12 @@ def _decode_piece(
         return memoryview(out)[byte_skip:]
     if encoding in ("ascii", "text", "txt"):
         count = expected // raw_dtype.itemsize
-        values = np.array(bytes(view).split(), dtype=np.float64)
+        try:
+            values = np.array(bytes(view).split(), dtype=np.float64)
+        except ValueError as err:
+            raise UnsupportedFileError(
+                f"{name}: the text data holds something that is not a number.", source=name
+            ) from err
         if values.size < count:
             raise UnsupportedFileError(
                 f"{name}: the text data holds {values.size:,} numbers but the header declares {count:,}.", source=name

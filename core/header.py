@@ -249,7 +249,15 @@ def flatten_dataset(
     walk(ds, 0, "", False)
     if left_out:
         rows.append(
-            HeaderRow(tag="", keyword="", name="(rows left out)", vr="", vm=0, value=f"{left_out} more elements not listed", depth=0)
+            HeaderRow(
+                tag="",
+                keyword="",
+                name="(rows left out)",
+                vr="",
+                vm=0,
+                value=f"{left_out} more elements not listed",
+                depth=0,
+            )
         )
     return rows
 
@@ -349,9 +357,7 @@ def differing_attributes(datasets: Sequence[Dataset], *, max_chars: int = 256) -
                 tags[int(elem.tag)] = elem
     out = []
     for tag in sorted(tags):
-        texts: list[str | None] = [
-            value_text(ds[tag], max_chars=max_chars) if tag in ds else None for ds in datasets
-        ]
+        texts: list[str | None] = [value_text(ds[tag], max_chars=max_chars) if tag in ds else None for ds in datasets]
         present = [t for t in texts if t is not None]
         distinct = len(set(present))
         missing = len(texts) - len(present)
@@ -474,21 +480,91 @@ class HeaderField:
 
 
 # Free-text NIfTI/Analyze fields; SimpleITK and converters copy names into them.
-NIFTI_TEXT_FIELDS = frozenset({"descrip", "aux_file", "intent_name", "db_name", "data_type", "generated", "scannum", "patient_id", "exp_date", "exp_time", "hist_un0", "views", "vols_added", "start_field", "field_skip", "omax", "omin", "smax", "smin", "originator"})
+NIFTI_TEXT_FIELDS = frozenset(
+    {
+        "descrip",
+        "aux_file",
+        "intent_name",
+        "db_name",
+        "data_type",
+        "generated",
+        "scannum",
+        "patient_id",
+        "exp_date",
+        "exp_time",
+        "hist_un0",
+        "views",
+        "vols_added",
+        "start_field",
+        "field_skip",
+        "omax",
+        "omin",
+        "smax",
+        "smin",
+        "originator",
+    }
+)
 
 # NRRD and MetaImage fields that describe the grid and encoding only.
 STRUCTURAL_KEYS = frozenset(
     k.lower()
     for k in (
-        "type", "dimension", "space", "space dimension", "sizes", "space directions", "space origin", "kinds",
-        "endian", "encoding", "spacings", "thicknesses", "axis mins", "axis maxs", "axismins", "axismaxs",
-        "centers", "centerings", "units", "space units", "measurement frame", "byte skip", "byteskip",
-        "line skip", "lineskip", "block size", "blocksize", "min", "max", "oldmin", "oldmax",
-        "ObjectType", "NDims", "BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB", "CompressedData",
-        "CompressedDataSize", "TransformMatrix", "Offset", "Position", "Origin", "CenterOfRotation",
-        "AnatomicalOrientation", "ElementSpacing", "ElementSize", "DimSize", "ElementType",
-        "ElementNumberOfChannels", "HeaderSize", "ElementMin", "ElementMax", "Rotation", "Orientation",
-        "Color", "ElementDataFile_kind",
+        "type",
+        "dimension",
+        "space",
+        "space dimension",
+        "sizes",
+        "space directions",
+        "space origin",
+        "kinds",
+        "endian",
+        "encoding",
+        "spacings",
+        "thicknesses",
+        "axis mins",
+        "axis maxs",
+        "axismins",
+        "axismaxs",
+        "centers",
+        "centerings",
+        "units",
+        "space units",
+        "measurement frame",
+        "byte skip",
+        "byteskip",
+        "line skip",
+        "lineskip",
+        "block size",
+        "blocksize",
+        "min",
+        "max",
+        "oldmin",
+        "oldmax",
+        "ObjectType",
+        "NDims",
+        "BinaryData",
+        "BinaryDataByteOrderMSB",
+        "ElementByteOrderMSB",
+        "CompressedData",
+        "CompressedDataSize",
+        "TransformMatrix",
+        "Offset",
+        "Position",
+        "Origin",
+        "CenterOfRotation",
+        "AnatomicalOrientation",
+        "ElementSpacing",
+        "ElementSize",
+        "DimSize",
+        "ElementType",
+        "ElementNumberOfChannels",
+        "HeaderSize",
+        "ElementMin",
+        "ElementMax",
+        "Rotation",
+        "Orientation",
+        "Color",
+        "ElementDataFile_kind",
     )
 )
 
@@ -562,7 +638,7 @@ def header_warnings(header: Any, *, tolerance_mm: float = 1e-3) -> list[str]:
     qcode = int(header["qform_code"])
     scode = int(header["sform_code"])
     return [
-        f"qform (code {qcode}) and sform (code {scode}) disagree by up to {distance:.4g} mm at the corners "
+        f"qform (code {qcode}) and sform (code {scode}) disagree by up to {distance:.3g} mm at the corners "
         "of the volume. Tools that prefer the sform (nibabel, FSL) and those that prefer the qform "
         "(ITK, SimpleITK) place this image differently; check which one the file's author meant."
     ]
@@ -587,9 +663,16 @@ def nifti_fields(header: Any) -> list[HeaderField]:
             except (KeyError, ValueError):
                 label = "unknown"
             derived.append((f"{which} code", f"{code} ({label})"))
-            derived.append((f"{which} matrix", _matrix_text(header.get_qform() if which == "qform" else header.get_sform())))
+            derived.append(
+                (f"{which} matrix", _matrix_text(header.get_qform() if which == "qform" else header.get_sform()))
+            )
         distance = qform_sform_disagreement_mm(header)
-        derived.append(("qform vs sform", "not compared (a code is 0)" if distance is None else f"{distance:.4g} mm at the corners"))
+        derived.append(
+            (
+                "qform vs sform",
+                "not compared (a code is 0)" if distance is None else f"{distance:.4g} mm at the corners",
+            )
+        )
     best = header.get_best_affine()
     derived.append(("orientation", "".join(str(c) for c in aff2axcodes(best))))
     derived.append(("best affine", _matrix_text(best)))
@@ -602,7 +685,12 @@ def nifti_fields(header: Any) -> list[HeaderField]:
     derived.append(("data type", str(header.get_data_dtype())))
     slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
     derived.append(
-        ("scaling", "none" if slope is None and inter is None else f"value = {slope if slope is not None else 1:.6g} x stored + {inter if inter is not None else 0:.6g}")
+        (
+            "scaling",
+            "none"
+            if slope is None and inter is None
+            else f"value = {slope if slope is not None else 1:.6g} x stored + {inter if inter is not None else 0:.6g}",
+        )
     )
     fields.extend(HeaderField(name, value, derived=True) for name, value in derived)
     return fields

@@ -611,8 +611,9 @@ def decimate_mesh(mesh: Mesh, *, fraction: float | None = None, target_triangles
     Returns
     -------
     Mesh
-        Unused vertices removed. Quadric collapses keep a closed mesh closed in our tests,
-        but this is not guaranteed: check :func:`mesh_figures` (``watertight``).
+        Repaired with :func:`repair_mesh` (collapses in thin parts can leave duplicate
+        triangles or two sheets sharing an edge). A closed mesh stayed closed in our tests;
+        :func:`mesh_figures` says whether it is (``watertight``, ``manifold``).
     """
     if (fraction is None) == (target_triangles is None):
         raise ValueError("give exactly one of fraction or target_triangles")
@@ -629,13 +630,179 @@ def decimate_mesh(mesh: Mesh, *, fraction: float | None = None, target_triangles
     _check_mesh_memory(mesh, 300, "Decimation")
     import fast_simplification
 
+    # Openings the surface had before (e.g. at the volume border without caps) stay put
+    # (preserve_border) and are never mistaken for holes the collapses made.
+    border = _boundary_vertices(mesh.faces)
     with _SIMPLIFY_LOCK:
         # Writable copies: the binding refuses read-only arrays.
         points, faces = fast_simplification.simplify(
-            np.array(mesh.vertices, order="C"), np.array(mesh.faces, order="C"), target_count=max(target, 4)
+            np.array(mesh.vertices, order="C"),
+            np.array(mesh.faces, order="C"),
+            target_count=max(target, 4),
+            preserve_border=bool(len(border)),
         )
-    points, faces = _drop_unused_vertices(np.asarray(points), np.asarray(faces))
+    points, faces = repair_mesh(
+        np.asarray(points), np.asarray(faces), max_hole_edges=64, keep_open=mesh.vertices[border]
+    )
     return mesh.with_geometry(points, faces)
+
+
+def _boundary_vertices(faces: np.ndarray) -> np.ndarray:
+    """Indices of vertices on edges used by only one triangle."""
+    if len(faces) == 0:
+        return np.zeros(0, dtype=np.int64)
+    f = faces.astype(np.int64)
+    start, end = f.reshape(-1), f[:, [1, 2, 0]].reshape(-1)
+    n = int(f.max()) + 1
+    key = np.minimum(start, end) * n + np.maximum(start, end)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    single = counts[inverse.reshape(-1)] == 1
+    return np.unique(np.concatenate([start[single], end[single]]))
+
+
+def repair_mesh(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    *,
+    max_hole_edges: int = 0,
+    keep_open: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Undo the defects quadric collapses leave in thin parts.
+
+    1. Triangles with a repeated vertex and triangles present more than once (the
+       back-to-back "fins" a collapse leaves) are removed: they enclose no volume.
+    2. Where two sheets of the surface end up sharing an edge or a vertex (e.g. four
+       triangles on one edge), the shared vertices are split so each sheet gets its own
+       copy: every edge is then used by at most two consistently oriented triangles. The
+       sheets still touch geometrically, as they did.
+    3. Holes of at most ``max_hole_edges`` edges (what steps 1-2 leave, typically 3-10
+       edges) are closed with a fan around their centroid, unless a vertex of the hole
+       is in ``keep_open``.
+    4. Unused vertices are dropped.
+
+    Parameters
+    ----------
+    vertices : (V, 3) ndarray
+    faces : (F, 3) integer ndarray
+    max_hole_edges : int
+        0 leaves holes open.
+    keep_open : (N, 3) ndarray or None
+        Positions of vertices on openings that belong to the surface (e.g. where it meets
+        the volume border); holes through them are not closed.
+
+    Returns
+    -------
+    vertices : (V', 3) float64 ndarray
+    faces : (F', 3) int32 ndarray
+    """
+    faces = np.asarray(faces, dtype=np.int64)
+    vertices = np.asarray(vertices, dtype=np.float64)
+    ok = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    faces = faces[ok]
+    if len(faces):
+        triple = np.sort(faces, axis=1)
+        _, inverse, counts = np.unique(triple, axis=0, return_inverse=True, return_counts=True)
+        faces = faces[counts[inverse.reshape(-1)] == 1]
+    _, boundary, nonmanifold, oriented = edge_counts(faces, len(vertices))
+    if nonmanifold or not oriented:
+        vertices, faces = _split_nonmanifold(vertices, faces)
+        _, boundary, _, _ = edge_counts(faces, len(vertices))
+    if boundary and max_hole_edges > 0:
+        vertices, faces = _fill_small_holes(vertices, faces, max_hole_edges, keep_open)
+    return _drop_unused_vertices(vertices, faces.astype(np.int32))
+
+
+def _boundary_loops(faces: np.ndarray) -> list[list[int]]:
+    """Closed chains of boundary edges (used by one triangle), in the triangles' direction."""
+    start = faces.reshape(-1)
+    end = faces[:, [1, 2, 0]].reshape(-1)
+    n = int(faces.max()) + 1
+    key = np.minimum(start, end) * n + np.maximum(start, end)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    single = counts[inverse.reshape(-1)] == 1
+    following: dict[int, list[int]] = {}
+    for a, b in zip(start[single].tolist(), end[single].tolist(), strict=True):
+        following.setdefault(a, []).append(b)
+    loops = []
+    for first in list(following):
+        while following.get(first):
+            loop, current = [first], following[first].pop()
+            while current != first and following.get(current):
+                loop.append(current)
+                current = following[current].pop()
+            if current == first:
+                loops.append(loop)
+    return loops
+
+
+def _fill_small_holes(
+    vertices: np.ndarray, faces: np.ndarray, max_edges: int, keep_open: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    protected: set[tuple[float, float, float]] = set()
+    if keep_open is not None and len(keep_open):
+        protected = {tuple(p) for p in np.asarray(keep_open, dtype=np.float64).tolist()}
+    new_vertices, new_faces = [], []
+    next_index = len(vertices)
+    for loop in _boundary_loops(faces):
+        if len(loop) > max_edges or any(tuple(vertices[v].tolist()) in protected for v in loop):
+            continue
+        # The hole's triangles run against the boundary edges (b -> a for an edge a -> b),
+        # so their normals agree with the surrounding surface.
+        centre = next_index
+        next_index += 1
+        new_vertices.append(vertices[loop].mean(axis=0))
+        ring = np.asarray(loop + loop[:1])
+        new_faces.append(np.column_stack([np.full(len(loop), centre), ring[1:], ring[:-1]]))
+    if not new_faces:
+        return vertices, faces
+    return np.vstack([vertices, np.asarray(new_vertices)]), np.vstack([faces, *new_faces])
+
+
+def _split_nonmanifold(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Give each fan of triangles around a vertex its own vertex copy.
+
+    Corners (triangle, vertex) are joined when their triangles share an edge through that
+    vertex that is used by exactly two triangles in opposite directions; each connected
+    group of corners becomes one vertex. Manifold regions keep one vertex per position.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_faces = len(faces)
+    n_vertices = len(vertices)
+    start = faces.reshape(-1)  # directed edge e = 3 f + c runs from corner c to corner c + 1
+    end = faces[:, [1, 2, 0]].reshape(-1)
+    low, high = np.minimum(start, end), np.maximum(start, end)
+    key = low * n_vertices + high
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    # Runs of equal undirected keys of length exactly two, traversed in opposite directions.
+    is_start = np.concatenate(([True], sorted_key[1:] != sorted_key[:-1]))
+    run_id = np.cumsum(is_start) - 1
+    run_length = np.bincount(run_id)
+    first = order[is_start]
+    pair = run_length == 2
+    e1 = first[pair]
+    e2 = order[np.flatnonzero(is_start)[pair] + 1]
+    opposite = start[e1] == end[e2]
+    e1, e2 = e1[opposite], e2[opposite]
+    # Edge e of face f = e // 3 goes from corner e % 3 to corner (e + 1) % 3. The twin runs
+    # the other way, so corner "from" of e1 matches corner "to" of e2 and vice versa.
+    f1, c1 = e1 // 3, e1 % 3
+    f2, c2 = e2 // 3, e2 % 3
+    corner_a = (3 * f1 + c1, 3 * f2 + (c2 + 1) % 3)
+    corner_b = (3 * f1 + (c1 + 1) % 3, 3 * f2 + c2)
+    rows = np.concatenate([corner_a[0], corner_b[0]])
+    cols = np.concatenate([corner_a[1], corner_b[1]])
+    n_corners = 3 * n_faces
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_corners, n_corners))
+    _, group = connected_components(graph, directed=False)
+    # One new vertex per corner group, placed at the group's original vertex.
+    original = faces.reshape(-1)
+    new_vertex_of_group = np.full(group.max() + 1, -1, dtype=np.int64)
+    new_vertex_of_group[group] = original
+    new_vertices = vertices[new_vertex_of_group]
+    return new_vertices, group.reshape(n_faces, 3)
 
 
 def _drop_unused_vertices(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -806,6 +973,164 @@ def mesh_figures(mesh: Mesh) -> MeshFigures:
 
 
 # --------------------------------------------------------------------------------------
+# The whole pipeline
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeshRequest:
+    """Everything that decides a mesh, as plain values (picklable for a worker process).
+
+    Parameters
+    ----------
+    lower, upper : float or None
+        Threshold mode: inclusive range in the volume's unit; ``upper`` None = no bound.
+    labels : tuple of int or None
+        Label-map mode when set: one mesh per label (empty tuple = every label present).
+    label_scheme : str
+        Names for label meshes, a key of :data:`core.mask.LABEL_SCHEMES`.
+    cleanup : MaskCleanup
+    cap_borders : bool
+    downsample : int
+    frame : int
+    smooth_iterations : int
+        Windowed-sinc iterations; 0 = off.
+    pass_band : float
+    keep_fraction : float or None
+        Decimate to this fraction of the triangles (0 < f <= 1).
+    target_triangles : int or None
+        Decimate to this many triangles (per mesh); alternative to ``keep_fraction``.
+    """
+
+    lower: float | None = None
+    upper: float | None = None
+    labels: tuple[int, ...] | None = None
+    label_scheme: str = "numbers"
+    cleanup: MaskCleanup = MaskCleanup()
+    cap_borders: bool = True
+    downsample: int = 1
+    frame: int = 0
+    smooth_iterations: int = 0
+    pass_band: float = 0.1
+    keep_fraction: float | None = None
+    target_triangles: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class MeshResult:
+    """Meshes with their figures, the masks they came from, warnings and time per step (s)."""
+
+    meshes: tuple[Mesh, ...]
+    figures: tuple[MeshFigures, ...]
+    masks: tuple[Mask, ...]
+    warnings: tuple[str, ...]
+    timings_s: dict[str, float]
+
+
+def build_meshes(volume: Volume, request: MeshRequest, *, limits: MeshLimits = DEFAULT_MESH_LIMITS) -> MeshResult:
+    """Threshold or label map -> clean-up -> surface -> smoothing -> decimation -> figures.
+
+    Parameters
+    ----------
+    volume : Volume
+    request : MeshRequest
+    limits : MeshLimits
+
+    Returns
+    -------
+    MeshResult
+
+    Raises
+    ------
+    EmptySurfaceError
+        Nothing selected (or a requested label is absent).
+    LimitError
+        Over a memory or triangle cap.
+    UnsupportedFileError
+        An RGB volume, or label mode on a volume that is not a label map.
+    """
+    import time
+
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        timings[step] = round(timings.get(step, 0.0) + now - clock[0], 4)
+        clock[0] = now
+
+    values, affine = downsample(volume_frame(volume, request.frame), volume.affine, request.downsample)
+    warnings: list[str] = []
+    if request.labels is not None:
+        try:
+            masks = label_masks(values, affine, request.labels or None)
+        except ValueError as err:
+            raise UnsupportedFileError(
+                f"{volume.description or 'this volume'} is not a label map ({err}); use a threshold instead"
+            ) from err
+        if not masks:
+            raise EmptySurfaceError("this label map holds only background (0); there is nothing to mesh")
+        named = [(mask, label_name(value, request.label_scheme), label_color(value)) for value, mask in masks.items()]
+        intensities = None
+    else:
+        if request.lower is None:
+            raise ValueError("threshold mode needs a lower threshold")
+        named = [(threshold_mask(values, affine, request.lower, request.upper), "surface", BONE_COLOR)]
+        intensities = values
+    lap("mask")
+    cleaned = [(clean_mask(mask, request.cleanup), name, color) for mask, name, color in named]
+    lap("clean-up")
+    meshes = []
+    for mask, name, color in cleaned:
+        meshes.append(
+            mask_to_surface(
+                mask, intensities=intensities, cap_borders=request.cap_borders, name=name, color=color, limits=limits
+            )
+        )
+    lap("surface")
+    if request.smooth_iterations > 0:
+        meshes = [smooth_mesh(m, request.smooth_iterations, pass_band=request.pass_band) for m in meshes]
+        lap("smoothing")
+    if request.keep_fraction is not None or request.target_triangles is not None:
+        before = [m.n_triangles for m in meshes]
+        meshes = [
+            decimate_mesh(m, fraction=request.keep_fraction, target_triangles=request.target_triangles)
+            for m in meshes
+        ]
+        del before
+        lap("decimation")
+    figures = [mesh_figures(m) for m in meshes]
+    lap("figures")
+
+    if request.labels is None:
+        from core.mask import face_warning
+
+        warning = face_warning(volume.modality, cleaned[0][0], request.lower)
+        if warning:
+            warnings.append(warning)
+    for mesh, fig in zip(meshes, figures, strict=True):
+        if not fig.watertight:
+            where = "" if len(meshes) == 1 else f"{mesh.name}: "
+            warnings.append(
+                f"{where}the mesh is not closed ({fig.boundary_edges} open edges, {fig.nonmanifold_edges} edges "
+                "shared by more than two triangles); a 3D printer may reject it. Keep the border caps on."
+            )
+        if fig.components > 50:
+            where = "" if len(meshes) == 1 else f"{mesh.name}: "
+            warnings.append(
+                f"{where}{fig.components} separate pieces: most are small islands. Keep the largest component or "
+                "remove islands smaller than a few mL."
+            )
+    return MeshResult(
+        meshes=tuple(meshes),
+        figures=tuple(figures),
+        masks=tuple(mask for mask, _, _ in cleaned),
+        warnings=tuple(warnings),
+        timings_s=timings,
+    )
+
+
+# --------------------------------------------------------------------------------------
 # Preview
 # --------------------------------------------------------------------------------------
 
@@ -887,6 +1212,9 @@ __all__ = [
     "Mesh",
     "MeshFigures",
     "MeshLimits",
+    "MeshRequest",
+    "MeshResult",
+    "build_meshes",
     "count_components",
     "decimate_mesh",
     "downsample",
@@ -896,6 +1224,7 @@ __all__ = [
     "mesh_figures",
     "preview_figure",
     "preview_meshes",
+    "repair_mesh",
     "signed_volume_mm3",
     "smooth_mesh",
     "surface_area_mm2",

@@ -89,8 +89,10 @@ def _ellipsoid(
         boxes.append(slice(int(inside[0]), int(inside[-1]) + 1))
     x, y, z = (coords[box] for coords, box in zip(axes, boxes, strict=True))
     q = (
-        ((x - centre[0]) / semi[0]) ** 2
-    )[:, None, None] + (((y - centre[1]) / semi[1]) ** 2)[None, :, None] + (((z - centre[2]) / semi[2]) ** 2)[None, None, :]
+        (((x - centre[0]) / semi[0]) ** 2)[:, None, None]
+        + (((y - centre[1]) / semi[1]) ** 2)[None, :, None]
+        + (((z - centre[2]) / semi[2]) ** 2)[None, None, :]
+    )
     region = volume[boxes[0], boxes[1], boxes[2]]
     region[q <= 1.0] = value
 

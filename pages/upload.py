@@ -52,8 +52,12 @@ if result is None:
     st.info("Upload files above, or press **Open sample scan** to try the app with a synthetic CT.")
     st.stop()
 
+# A refused series yields one problem per file with the same message: show it once.
+messages: dict[str, int] = {}
 for problem in result.errors:
-    show_error(problem.message)
+    messages[problem.message] = messages.get(problem.message, 0) + 1
+for message, count in messages.items():
+    show_error(message if count == 1 else f"{message} ({count} files)")
 
 if not result.series:
     st.warning("Nothing in this upload could be opened as an image. See the messages above.")

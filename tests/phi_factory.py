@@ -24,7 +24,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, UID, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from core.deidentify import BASIC_PROFILE
 from core.sources import Source
@@ -239,7 +239,7 @@ def to_file_bytes(ds: Dataset, uids: _Uids) -> bytes:
     meta.ImplementationClassUID = UID(uids.new())
     meta.ImplementationVersionName = MARKER
     meta.SourceApplicationEntityTitle = MARKER
-    meta.PrivateInformationCreatorUID = uids.new()
+    meta.PrivateInformationCreatorUID = UID(uids.new())
     meta.PrivateInformation = MARKER.encode() + b"\x00" * 7
     ds.file_meta = meta
     ds.preamble = (MARKER.encode() * 20)[:128]

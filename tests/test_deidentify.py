@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import CTImageStorage, UltrasoundImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, UltrasoundImageStorage
 
 from core import cli_deidentify
 from core.deidentify import (
@@ -42,9 +42,7 @@ from core.sources import Source
 from tests.conftest import REPO
 from tests.phi_factory import (
     MARKER,
-    MARKER_DATE,
     MARKER_TIME,
-    MARKERS,
     PIXEL_SPACING,
     find_markers,
     make_phi_study,
@@ -368,7 +366,9 @@ def check_geometry(by_folder: dict[str, list[Dataset]], study) -> None:
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             assert [float(v) for v in ds.PixelSpacing] == list(PIXEL_SPACING)
             got.append((ds.SeriesNumber, ds.InstanceNumber, tuple(ds.ImagePositionPatient)))
-            original = next(o for o in originals if o.SeriesNumber == ds.SeriesNumber and o.InstanceNumber == ds.InstanceNumber)
+            original = next(
+                o for o in originals if o.SeriesNumber == ds.SeriesNumber and o.InstanceNumber == ds.InstanceNumber
+            )
             assert np.array_equal(ds.pixel_array, original.pixel_array)
     assert sorted(got) == expected
 

@@ -627,3 +627,66 @@ def test_synthetic_affines_agree_with_dcm2niix(case: str, tmp_path: Path) -> Non
     values = np.asarray(reference.dataobj.get_unscaled()).astype(np.float64)
     values = values * float(reference.dataobj.slope) + float(reference.dataobj.inter)
     np.testing.assert_allclose(volume.array, resample_like(volume, values, reference.affine), atol=1e-3)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_uncompressed_fast_path_equals_pydicom_including_unused_high_bits(signed: bool, implicit: bool) -> None:
+    rng = np.random.default_rng(5)
+    dtype = np.int16 if signed else np.uint16
+    # 12 bits stored; the 4 high bits hold garbage (old overlay planes) that must be ignored
+    raw = rng.integers(0, 2**16, size=(2, 6, 7), dtype=np.uint16).view(dtype)
+    sources = make_series(raw, bits_stored=12, modality="MR")
+    if implicit:
+        converted = []
+        for source in sources:
+            ds = pydicom.dcmread(io.BytesIO(source.data))
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+            converted.append(Source(source.name, to_bytes(ds)))
+        sources = converted
+    volume = only_series(scan_dicom(sources)).load()
+    expected = np.stack([pydicom.dcmread(io.BytesIO(s.data)).pixel_array for s in sources])
+    assert np.abs(expected).max() < 2**12
+    check_synthetic(volume, expected, lps_affine())
+
+
+def test_several_mosaics_of_one_series_form_a_time_series() -> None:
+    path = data_path("transfer_syntaxes_siemens_mosaic", "dicom", "1.dcm")
+    sources = []
+    for t in (3, 1, 2):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.AcquisitionNumber = t
+        ds.InstanceNumber = t
+        sources.append(Source(f"vol{t}.dcm", to_bytes(ds)))
+    series = only_series(scan_dicom(sources))
+    volume = series.load()
+    assert volume.shape == (64, 64, 35, 3)
+    assert [ds.AcquisitionNumber for ds in series.headers] == [1, 2, 3]
+    single = only_series(scan_dicom([Source("one.dcm", path.read_bytes())])).load()
+    assert np.array_equal(volume.affine, single.affine)
+    assert np.array_equal(volume.array[..., 1], single.array)
+
+
+def test_two_echoes_in_one_series_become_two_volumes_and_say_so() -> None:
+    uid = pydicom.uid.generate_uid()
+    first = marker_phantom((3, 4, 4))
+    sources = make_series(first, series_uid=uid, extra={"EchoNumbers": 1}, name_prefix="E1_")
+    sources += make_series(first + 7, series_uid=uid, extra={"EchoNumbers": 2}, name_prefix="E2_")
+    result = scan_dicom(sources)
+    assert not result.errors and len(result.series) == 2
+    assert sorted(s.info.id for s in result.series) == ["1-1", "1-2"]
+    for series in result.series:
+        assert series.info.shape == (4, 4, 3)
+        assert "holds 2 volumes" in series.info.warnings[0]
+    volumes = sorted((s.load() for s in result.series), key=lambda v: int(v.array.min()))
+    check_synthetic(volumes[0], first, lps_affine())
+    check_synthetic(volumes[1], first + 7, lps_affine())
+
+
+def test_header_claiming_a_billion_frames_is_refused_before_allocation() -> None:
+    ds = pydicom.dcmread(io.BytesIO(make_series(marker_phantom((1, 4, 4)))[0].data))
+    ds.NumberOfFrames = 10**9
+    result = scan_dicom([Source("liar.dcm", to_bytes(ds))])
+    assert not result.series
+    assert "declares 1000000000 frames" in result.errors[0].message

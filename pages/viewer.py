@@ -1,0 +1,635 @@
+"""View page: axial, coronal and sagittal slices with window/level, readouts, overlays, slabs and export.
+
+The views are drawn by a small Streamlit component (``st.components.v2``): the
+server renders each view to a PNG with :func:`core.render.render_view`, and the
+browser shows it with the crosshair, the orientation letters and a readout of
+the value, RAS position and voxel under the mouse, all computed in the browser
+from the slice's values and the affine sent beside the image. A click sends
+the pixel back and the other planes move there. (A Plotly image cannot report
+a click position to Streamlit, hence the component.)
+
+Everything under the title runs in one ``st.fragment``: moving a slider or
+changing the window reruns only the viewer, never the rest of the app.
+
+Stable element labels (used by the browser test): sliders ``"Axial slice"``,
+``"Coronal slice"``, ``"Sagittal slice"``; each view is an ``img`` with
+``alt="Axial view"`` (etc.) inside ``.st-key-view_axial`` (etc.).
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.errors import CoreError
+from core.io import scan
+from core.render import (
+    PLANES,
+    LabelOverlay,
+    Slab,
+    ThresholdOverlay,
+    encode_png,
+    histogram,
+    label_colors,
+    label_values,
+    linked_indices,
+    n_slices,
+    plane_zip,
+    readout,
+    render_view,
+    screen_to_voxel,
+    settings_token,
+    view_file_name,
+    view_geometry,
+    view_values,
+    voxel_to_screen,
+)
+from core.series import Window
+from core.sources import Source
+from core.volume import Volume
+from core.windowing import COLORMAPS, CT_PRESETS, auto_window, default_window, file_windows
+from pages.common import plain, require_volume, show_error
+
+VIEW_CSS = """
+.tf-view { width: 100%; font-family: var(--st-font, sans-serif); }
+.tf-frame { width: 100%; display: flex; justify-content: center; background: #000; border-radius: 4px; }
+.tf-stage { position: relative; display: inline-block; line-height: 0; }
+.tf-image { display: block; cursor: crosshair; user-select: none; -webkit-user-drag: none; }
+.tf-cross { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
+.tf-cross line { stroke: rgba(255, 214, 0, 0.75); stroke-width: 1; vector-effect: non-scaling-stroke; }
+.tf-letter, .tf-info { position: absolute; color: #fff; font: 600 14px/1 sans-serif;
+  text-shadow: 0 0 3px #000, 0 0 2px #000; pointer-events: none; }
+.tf-left { left: 4px; top: 50%; transform: translateY(-50%); }
+.tf-right { right: 4px; top: 50%; transform: translateY(-50%); }
+.tf-top { top: 4px; left: 50%; transform: translateX(-50%); }
+.tf-bottom { bottom: 4px; left: 50%; transform: translateX(-50%); }
+.tf-info { left: 4px; top: 4px; font-weight: 400; font-size: 12px; }
+.tf-readout { min-height: 1.4em; margin-top: 4px; font: 13px/1.4 monospace; color: var(--st-text-color, inherit); }
+"""
+
+# The browser side of a view. Called again with new data on every rerun; it keeps its DOM and
+# the decoded slice values on the root element and only swaps what changed.
+VIEW_JS = r"""
+const TYPES = { int8: Int8Array, uint8: Uint8Array, int16: Int16Array, uint16: Uint16Array,
+  int32: Int32Array, uint32: Uint32Array, float32: Float32Array, float64: Float64Array };
+
+function fmt(value) {
+  if (Number.isInteger(value)) return String(value);
+  const text = Number(value).toPrecision(5);
+  return text.includes("e") ? text : String(Number(text));
+}
+
+function pixelAt(root, event) {
+  const s = root._state, img = root._img;
+  const rect = img.getBoundingClientRect();
+  const col = Math.min(s.width - 1e-6, Math.max(0, (event.clientX - rect.left) / rect.width * s.width));
+  const row = Math.min(s.height - 1e-6, Math.max(0, (event.clientY - rect.top) / rect.height * s.height));
+  return { col, row };
+}
+
+function describe(root, p) {
+  const s = root._state;
+  const c = Math.floor(p.col), r = Math.floor(p.row);
+  const nc = s.colSrc[c], nr = s.rowSrc[r];
+  const ijk = [0, 0, 0];
+  ijk[s.sliceAxis] = s.index;
+  ijk[s.colAxis] = s.colDesc ? s.nCols - 1 - nc : nc;
+  ijk[s.rowAxis] = s.rowDesc ? s.nRows - 1 - nr : nr;
+  const a = s.affine;
+  const ras = [0, 1, 2].map((d) => a[d][0] * ijk[0] + a[d][1] * ijk[1] + a[d][2] * ijk[2] + a[d][3]);
+  let value = "";
+  const v = root._values;
+  if (v && root._valuesKey === (s.values && s.values.key)) {
+    const at = nr * s.nCols + nc;
+    value = s.rgb ? "RGB (" + [0, 1, 2].map((ch) => fmt(v[at * 3 + ch])).join(", ") + ")"
+                  : fmt(v[at]) + (s.unit ? " " + s.unit : "");
+    value += " · ";
+  }
+  return value + "RAS (" + ras.map((x) => x.toFixed(1)).join(", ") + ") mm · voxel (" + ijk.join(", ") + ")";
+}
+
+async function loadValues(root) {
+  const s = root._state;
+  if (!s.values) { root._values = null; root._valuesKey = null; return; }
+  const key = s.values.key;
+  if (root._valuesKey === key || root._loadingKey === key) return;
+  root._loadingKey = key;
+  let buffer = await (await fetch("data:application/octet-stream;base64," + s.values.b64)).arrayBuffer();
+  if (s.values.deflate) {
+    const stream = new Blob([buffer]).stream().pipeThrough(new DecompressionStream("deflate"));
+    buffer = await new Response(stream).arrayBuffer();
+  }
+  if (!root._state.values || root._state.values.key !== key) return;  // a newer slice arrived meanwhile
+  root._values = new TYPES[s.values.dtype](buffer);
+  root._valuesKey = key;
+}
+
+function layout(root) {
+  const s = root._state, img = root._img;
+  const available = Math.max(50, root.clientWidth);
+  const tallest = Math.max(120, window.innerHeight * s.maxHeight);
+  const scale = Math.min(available / s.width, tallest / s.height);
+  img.style.width = Math.round(s.width * scale) + "px";
+  img.style.height = Math.round(s.height * scale) + "px";
+}
+
+function drawCross(root) {
+  const s = root._state;
+  const svg = root.querySelector(".tf-cross");
+  svg.setAttribute("viewBox", "0 0 " + s.width + " " + s.height);
+  const h = root.querySelector(".tf-h"), v = root.querySelector(".tf-v");
+  const show = Array.isArray(s.cross);
+  svg.style.display = show ? "" : "none";
+  if (!show) return;
+  const [col, row] = s.cross;
+  for (const [el, x1, y1, x2, y2] of [[h, 0, row, s.width, row], [v, col, 0, col, s.height]]) {
+    el.setAttribute("x1", x1); el.setAttribute("y1", y1); el.setAttribute("x2", x2); el.setAttribute("y2", y2);
+  }
+}
+
+export default function (component) {
+  const { data, parentElement, setTriggerValue } = component;
+  let root = parentElement.querySelector(".tf-view");
+  if (!root) {
+    root = document.createElement("div");
+    root.className = "tf-view";
+    root.innerHTML = '<div class="tf-frame"><div class="tf-stage">' +
+      '<img class="tf-image" draggable="false">' +
+      '<svg class="tf-cross" preserveAspectRatio="none"><line class="tf-h"/><line class="tf-v"/></svg>' +
+      '<span class="tf-letter tf-left"></span><span class="tf-letter tf-right"></span>' +
+      '<span class="tf-letter tf-top"></span><span class="tf-letter tf-bottom"></span>' +
+      '<span class="tf-info"></span></div></div><div class="tf-readout" aria-live="polite"></div>';
+    parentElement.appendChild(root);
+    root._img = root.querySelector(".tf-image");
+    const readoutEl = root.querySelector(".tf-readout");
+    root._img.addEventListener("mousemove", (event) => {
+      if (root._state) readoutEl.textContent = describe(root, pixelAt(root, event));
+    });
+    root._img.addEventListener("mouseleave", () => { readoutEl.textContent = root._state ? root._state.idle : ""; });
+    root._img.addEventListener("click", (event) => {
+      if (!root._state) return;
+      const p = pixelAt(root, event);
+      root._setTrigger("click", { col: p.col, row: p.row, plane: root._state.plane });
+    });
+    new ResizeObserver(() => { if (root._state) layout(root); }).observe(root);
+  }
+  root._setTrigger = setTriggerValue;
+  root._state = data;
+  const img = root._img;
+  if (img.getAttribute("src") !== data.image) img.setAttribute("src", data.image);
+  img.setAttribute("alt", data.label);
+  img.dataset.slice = String(data.index);
+  for (const edge of ["left", "right", "top", "bottom"]) {
+    root.querySelector(".tf-" + edge).textContent = data.letters[edge];
+  }
+  root.querySelector(".tf-info").textContent = data.info;
+  root.querySelector(".tf-readout").textContent = data.idle;
+  layout(root);
+  drawCross(root);
+  loadValues(root);
+}
+"""
+
+slice_view = st.components.v2.component("tomoforge_slice_view", css=VIEW_CSS, js=VIEW_JS)
+
+PLANE_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
+SLAB_MODES = {"Off": None, "MIP (maximum)": "max", "MinIP (minimum)": "min", "Mean": "mean"}
+CUSTOM = "Custom"
+CACHE_SIZE = 12  # rendered views kept per session (three planes x a few recent settings)
+
+POS = "viewer_pos"  # {"series": id, "axial": k, "coronal": j, "sagittal": i}: the crosshair voxel
+CACHE = "viewer_cache"
+FACTS = "viewer_facts"  # per-series things computed once: histogram, auto window
+OVERLAY = "viewer_overlay"  # {"key": upload id, "volume": Volume | None, "error": str}
+
+
+series, volume = require_volume()
+info = series.info
+st.title("View")
+spacing = ", ".join(f"{s:.3g}" for s in volume.spacing_mm)
+st.caption(
+    plain(
+        f"{info.description or info.kind} · {volume.modality or 'unknown modality'} · "
+        f"{' x '.join(str(n) for n in volume.shape)} voxels · {spacing} mm"
+    )
+)
+
+
+def series_facts() -> dict[str, Any]:
+    """Histogram and automatic window of the current series, computed once per series."""
+    facts = st.session_state.get(FACTS)
+    if not facts or facts.get("series") != info.id:
+        counts, edges = histogram(volume)
+        auto = None if volume.is_rgb else auto_window(volume)
+        facts = {"series": info.id, "counts": counts, "edges": edges, "auto": auto}
+        st.session_state[FACTS] = facts
+        st.session_state[CACHE] = OrderedDict()
+    return facts
+
+
+def window_choices(facts: dict[str, Any]) -> dict[str, Window]:
+    choices: dict[str, Window] = {}
+    for window in file_windows(info.windows):
+        choices[window.name] = window
+    if facts["auto"] is not None:
+        choices[facts["auto"].name] = facts["auto"]
+    if volume.modality.upper() == "CT" or volume.unit == "HU":
+        for preset in CT_PRESETS:
+            choices[f"{preset.name} (W {preset.width:g} / L {preset.center:g})"] = preset.window
+    return choices
+
+
+def init_state(choices: dict[str, Window]) -> None:
+    """Reset positions and window when the series changes."""
+    pos = st.session_state.get(POS)
+    if pos and pos.get("series") == info.id:
+        return
+    shape = volume.spatial_shape
+    st.session_state[POS] = {
+        "series": info.id,
+        "sagittal": (shape[0] - 1) // 2,
+        "coronal": (shape[1] - 1) // 2,
+        "axial": (shape[2] - 1) // 2,
+    }
+    if not volume.is_rgb:
+        start = default_window(volume, info.windows)
+        label = next((name for name, w in choices.items() if (w.center, w.width) == (start.center, start.width)), None)
+        if label is None:
+            label = next(iter(choices))
+            start = choices[label]
+        st.session_state["viewer_window_choice"] = label
+        st.session_state["viewer_center"] = float(start.center)
+        st.session_state["viewer_width"] = float(start.width)
+    st.session_state[OVERLAY] = {"key": None, "volume": None, "error": ""}
+
+
+def _choose_window(choices: dict[str, Window]) -> None:
+    label = st.session_state["viewer_window_choice"]
+    if label in choices:
+        st.session_state["viewer_center"] = float(choices[label].center)
+        st.session_state["viewer_width"] = float(choices[label].width)
+
+
+def _edit_window() -> None:
+    st.session_state["viewer_window_choice"] = CUSTOM
+
+
+def _slider_moved(plane: str) -> None:
+    st.session_state[POS][plane] = int(st.session_state[f"slice_{plane}"])
+
+
+def _clicked(plane: str, radiological: bool) -> None:
+    """A click in one view: move the other two planes to the clicked voxel."""
+    state = st.session_state.get(f"view_{plane}")
+    click = state.get("click") if state else None
+    if not isinstance(click, dict):
+        return
+    pos = st.session_state[POS]
+    geometry = view_geometry(volume, plane, radiological=radiological)
+    ijk = screen_to_voxel(geometry, pos[plane], float(click["col"]), float(click["row"]))
+    pos.update(linked_indices(ijk))
+
+
+def load_overlay(upload: Any) -> Volume | None:
+    """Read an uploaded label map once per upload; keep the error message if it cannot be used."""
+    state = st.session_state[OVERLAY]
+    if upload is None:
+        state.update(key=None, volume=None, error="")
+        return None
+    if state.get("key") == upload.file_id:
+        return state["volume"]
+    state.update(key=upload.file_id, volume=None, error="")
+    try:
+        found = scan([Source(name=upload.name, data=upload.getvalue())])
+        if not found.series:
+            reason = "; ".join(p.message for p in found.errors) or "no image found in the file"
+            raise CoreError(f"{upload.name}: cannot be used as a label map ({reason})")
+        labels = found.series[0].load()
+        if labels.is_rgb:
+            raise CoreError(f"{upload.name}: an RGB image is not a label map; upload a segmentation")
+        label_values(labels)  # refuses non-integer images
+    except CoreError as err:
+        state["error"] = err.message
+        return None
+    state["volume"] = labels
+    return labels
+
+
+def legend(values: list[int], colors: dict[int, tuple[int, int, int]]) -> None:
+    shown = values[:40]
+    chips = "".join(
+        f'<span style="display:inline-block;margin:0 10px 4px 0;font-size:13px">'
+        f'<span style="display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;'
+        f'background:rgb{colors[v]}"></span>{v}</span>'
+        for v in shown
+    )
+    more = f" and {len(values) - len(shown)} more" if len(values) > len(shown) else ""
+    st.html(f"<div>Labels: {chips}{more}</div>")
+
+
+def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> dict[str, Any]:
+    """Render one view (cached per settings) and the data its browser side needs."""
+    pos = st.session_state[POS]
+    index = pos[plane]
+    cache: OrderedDict = st.session_state.setdefault(CACHE, OrderedDict())
+    key = (info.id, plane, index, hover_values, options["token"])
+    payload = cache.get(key)
+    if payload is None:
+        image = render_view(volume, plane, index, options["window"], **options["render"])
+        geometry = view_geometry(volume, plane, radiological=options["render"]["radiological"])
+        payload = {
+            "plane": plane,
+            "label": f"{PLANE_TITLES[plane]} view",
+            "image": "data:image/png;base64," + base64.b64encode(encode_png(image)).decode(),
+            "width": geometry.shape[1],
+            "height": geometry.shape[0],
+            "colSrc": geometry.col_src.tolist(),
+            "rowSrc": geometry.row_src.tolist(),
+            "nCols": geometry.native_shape[1],
+            "nRows": geometry.native_shape[0],
+            "colDesc": geometry.col_descending,
+            "rowDesc": geometry.row_descending,
+            "sliceAxis": geometry.slice_axis,
+            "colAxis": geometry.col_axis,
+            "rowAxis": geometry.row_axis,
+            "index": index,
+            "affine": volume.affine.tolist(),
+            "unit": volume.unit,
+            "rgb": volume.is_rgb,
+            "letters": geometry.letters,
+            "values": None,
+        }
+        if hover_values:
+            values = view_values(
+                volume,
+                plane,
+                index,
+                frame=options["render"]["frame"],
+                radiological=options["render"]["radiological"],
+                slab=options["render"]["slab"],
+            )
+            if values.dtype.kind in "iu" and values.dtype.itemsize == 8:
+                values = values.astype(np.float64)
+            elif values.dtype.kind == "b":
+                values = values.astype(np.uint8)
+            values = values.astype(values.dtype.newbyteorder("<"), copy=False)
+            payload["values"] = {
+                "key": f"{plane}:{index}:{options['token']}",
+                "dtype": values.dtype.name,
+                "deflate": True,
+                "b64": base64.b64encode(zlib.compress(values.tobytes(), 1)).decode(),
+            }
+        cache[key] = payload
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return payload
+
+
+def histogram_figure(facts: dict[str, Any], window: Window | None) -> go.Figure:
+    counts, edges = facts["counts"], facts["edges"]
+    centres = (edges[:-1] + edges[1:]) / 2
+    figure = go.Figure(go.Bar(x=centres, y=np.maximum(counts, 0), width=np.diff(edges), marker_color="#888"))
+    if window is not None:
+        figure.add_vrect(
+            x0=window.center - window.width / 2,
+            x1=window.center + window.width / 2,
+            fillcolor="rgba(255, 214, 0, 0.25)",
+            line_width=1,
+            line_color="rgba(255, 214, 0, 0.9)",
+        )
+    figure.update_layout(
+        height=200,
+        margin=dict(l=10, r=10, t=10, b=10),
+        bargap=0,
+        yaxis=dict(type="log", title="voxels"),
+        xaxis=dict(title=volume.unit or "value"),
+        showlegend=False,
+    )
+    return figure
+
+
+def download_buttons(plane: str, options: dict[str, Any]) -> None:
+    index = st.session_state[POS][plane]
+    window = options["window"]
+    render_options = dict(options["render"])
+    frame = render_options["frame"] if volume.n_frames > 1 else None
+    suffix = settings_token(info.id, options["token"])
+    target = volume
+
+    def png() -> bytes:
+        return encode_png(render_view(target, plane, index, window, **render_options), compress_level=6)
+
+    def zipped() -> bytes:
+        return plane_zip(target, plane, window, **render_options)
+
+    name = view_file_name(plane, index, window, frame=frame, slab=render_options["slab"], suffix=suffix)
+    left, right = st.columns(2)
+    with left:
+        st.download_button(
+            f"PNG of this {plane} view",
+            data=png,
+            file_name=name,
+            mime="image/png",
+            on_click="ignore",
+            key=f"download_png_{plane}",
+            icon=":material/image:",
+            help="The view exactly as shown (window, orientation, proportions, overlay), without the crosshair.",
+        )
+    with right:
+        zip_name = view_file_name(plane, 0, window, frame=frame, slab=render_options["slab"], suffix=suffix, ext="zip")
+        st.download_button(
+            f"All {n_slices(volume, plane)} {plane} slices (zip)",
+            data=zipped,
+            file_name=zip_name.replace("_s0000_", "_all_"),
+            mime="application/zip",
+            on_click="ignore",
+            key=f"download_zip_{plane}",
+            icon=":material/folder_zip:",
+        )
+
+
+@st.fragment
+def viewer() -> None:
+    facts = series_facts()
+    choices = window_choices(facts) if not volume.is_rgb else {}
+    init_state(choices)
+    pos = st.session_state[POS]
+
+    top = st.columns([1.2, 1.3, 2.2, 1.0, 1.0])
+    layout_choice = top[0].radio("Layout", ["Three views", "One view"], horizontal=True, key="viewer_layout")
+    planes = list(PLANES)
+    if layout_choice == "One view":
+        one = top[1].radio("Plane", list(PLANES), format_func=PLANE_TITLES.get, horizontal=True, key="viewer_plane")
+        planes = [one]
+    radiological = top[1].toggle(
+        "Radiological",
+        value=True,
+        key="viewer_radiological",
+        help="On: the patient's right is on the screen's left (axial and coronal). Off: neurological.",
+    )
+    window: Window | None = None
+    if not volume.is_rgb:
+        labels = list(choices) + [CUSTOM]
+        top[2].selectbox(
+            "Window",
+            labels,
+            key="viewer_window_choice",
+            on_change=_choose_window,
+            args=(choices,),
+            help="CT presets cite their source in core/windowing.py; 'File' windows come from (0028,1050)/(0028,1051).",
+        )
+        integer = np.dtype(info.dtype).kind in "iub" if info.dtype else True
+        step = 1.0 if integer else max(float(st.session_state["viewer_width"]) / 100.0, 1e-6)
+        center = top[3].number_input("Center", key="viewer_center", step=step, format="%g", on_change=_edit_window)
+        width = top[4].number_input(
+            "Width", key="viewer_width", min_value=1e-6, step=step, format="%g", on_change=_edit_window
+        )
+        window = Window(center=float(center), width=float(width), name=st.session_state["viewer_window_choice"])
+
+    second = st.columns([1.0, 1.0, 1.4, 1.2, 1.0])
+    invert = second[0].toggle("Invert", key="viewer_invert", disabled=volume.is_rgb)
+    colormap = second[1].selectbox("Colormap", COLORMAPS, key="viewer_colormap", disabled=volume.is_rgb)
+    slab_label = second[2].selectbox("Slab projection", list(SLAB_MODES), key="viewer_slab", disabled=volume.is_rgb)
+    thickness = second[3].number_input(
+        "Slab thickness (mm)",
+        min_value=0.1,
+        value=10.0,
+        step=1.0,
+        key="viewer_slab_mm",
+        disabled=SLAB_MODES[slab_label] is None,
+    )
+    show_cross = second[4].toggle("Crosshair", value=True, key="viewer_crosshair")
+    frame = 0
+    if volume.n_frames > 1:
+        frame = st.slider("Time point", 0, volume.n_frames - 1, 0, key="viewer_frame")
+    if volume.display_inverted:
+        st.caption("MONOCHROME1: shown inverted (high values dark), as the file asks. 'Invert' reverses that.")
+    slab_mode = SLAB_MODES[slab_label]
+    slab = Slab(slab_mode, float(thickness)) if slab_mode else None
+
+    overlays: list[Any] = []
+    with st.expander("Overlay", expanded=False):
+        kind = st.radio("Overlay", ["None", "Label map", "Threshold"], horizontal=True, key="viewer_overlay_kind")
+        opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="viewer_opacity")
+        if kind == "Label map":
+            upload = st.file_uploader(
+                "Label map (NIfTI or NRRD segmentation)",
+                type=None,
+                key="viewer_label_upload",
+                help="Aligned through world coordinates; a different grid is resampled nearest-neighbour.",
+            )
+            labels_volume = load_overlay(upload)
+            if st.session_state[OVERLAY]["error"]:
+                show_error(st.session_state[OVERLAY]["error"])
+            if labels_volume is not None:
+                present = label_values(labels_volume)
+                if not present:
+                    st.info("The label map is empty (all zero).")
+                colors = label_colors(present)
+                overlays.append(LabelOverlay(labels_volume, opacity=opacity, colors=colors))
+                legend(present, colors)
+        elif kind == "Threshold" and not volume.is_rgb:
+            lo_default = 300.0 if volume.unit == "HU" else float(facts["auto"].center) if facts["auto"] else 0.0
+            hi_default = float(facts["edges"][-1])
+            cols = st.columns(2)
+            lower = cols[0].number_input("Threshold from", value=lo_default, key="viewer_thr_lo", format="%g")
+            upper = cols[1].number_input("Threshold to", value=hi_default, key="viewer_thr_hi", format="%g")
+            overlays.append(ThresholdOverlay(float(lower), float(upper), opacity=opacity))
+            st.html(
+                '<div style="font-size:13px"><span style="display:inline-block;width:12px;height:12px;'
+                'background:rgb(255,60,60);margin-right:4px;vertical-align:-1px"></span>'
+                f"{lower:g} to {upper:g} {plain(volume.unit)}</div>"
+            )
+    hover_values = True
+
+    render_options = {
+        "frame": frame,
+        "radiological": radiological,
+        "invert": invert,
+        "colormap": colormap,
+        "slab": slab,
+        "overlays": tuple(overlays),
+    }
+    overlay_token = tuple(
+        (type(o).__name__, id(getattr(o, "labels", None)), getattr(o, "lower", None), getattr(o, "upper", None), o.opacity)
+        for o in overlays
+    )
+    token = settings_token(
+        window.center if window else None,
+        window.width if window else None,
+        frame,
+        radiological,
+        invert,
+        colormap,
+        slab,
+        overlay_token,
+    )
+    options = {"window": window or Window(127.5, 256.0), "render": render_options, "token": token}
+
+    ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
+    columns = st.columns(len(planes))
+    for column, plane in zip(columns, planes):
+        with column:
+            count = n_slices(volume, plane)
+            st.session_state[f"slice_{plane}"] = pos[plane]
+            st.slider(
+                f"{PLANE_TITLES[plane]} slice",
+                0,
+                count - 1,
+                key=f"slice_{plane}",
+                on_change=_slider_moved,
+                args=(plane,),
+                disabled=count == 1,
+            )
+            try:
+                payload = dict(view_payload(plane, options, hover_values))
+            except CoreError as err:
+                show_error(err.message)
+                continue
+            geometry = view_geometry(volume, plane, radiological=radiological)
+            payload["cross"] = list(voxel_to_screen(geometry, ijk)) if show_cross else None
+            payload["info"] = f"{PLANE_TITLES[plane]} {pos[plane] + 1}/{count}" + (
+                f" · {slab_label.split(' ')[0]} {slab.thickness_mm:g} mm" if slab else ""
+            )
+            payload["idle"] = "Point at the image for value, RAS (mm) and voxel; click to move the crosshair."
+            payload["maxHeight"] = 0.78 if len(planes) == 1 else 0.55
+            if geometry.obliquity_deg > 1.0:
+                payload["info"] += f" · oblique {geometry.obliquity_deg:.0f}°"
+            slice_view(
+                key=f"view_{plane}",
+                data=payload,
+                on_click_change=_clicked_callback(plane, radiological),
+            )
+    try:
+        here = readout(volume, ijk, frame=frame)
+        st.markdown(f"**Crosshair:** {plain(here.text())}")
+    except CoreError as err:
+        show_error(err.message)
+
+    st.plotly_chart(
+        histogram_figure(facts, window),
+        key="viewer_histogram",
+        config={"displayModeBar": False},
+    )
+    st.caption("Histogram of all voxels (log scale); the shaded band is the current window.")
+    for plane in planes:
+        download_buttons(plane, options)
+
+
+def _clicked_callback(plane: str, radiological: bool) -> Callable[[], None]:
+    def callback() -> None:
+        _clicked(plane, radiological)
+
+    return callback
+
+
+viewer()
