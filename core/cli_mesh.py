@@ -142,19 +142,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Heavy imports here, not at module level: `python -m core info` must stay quick.
     from core.cli import scan_paths
-    from core.mask import MaskCleanup, face_warning, guess_label_scheme, label_counts, otsu_threshold
-    from core.mesh import decimate_mesh, label_surfaces, mesh_figures, smooth_mesh, threshold_surface, volume_frame
+    from core.mask import MaskCleanup, guess_label_scheme, label_counts, otsu_threshold
+    from core.mesh import MeshRequest, build_meshes, volume_frame
     from core.mesh_export import FORMATS, format_from_suffix, write_mesh
 
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[step] = round(now - clock, 4)
-        clock = now
-
+    started = time.perf_counter()
     result = scan_paths(args.paths)
     for problem in result.errors:
         print(f"error: {problem.source}: {problem.message}", file=sys.stderr)
@@ -174,18 +166,27 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_NOTHING_PROCESSED
         series = matches[0]
     volume = series.load()
-    lap("load")
+    load_s = time.perf_counter() - started
 
-    keep = 1 if args.largest else args.keep
     cleanup = MaskCleanup(
         closing_mm=args.closing_mm,
         drop_border_components=args.drop_border,
         min_island_ml=args.min_island_ml,
-        keep_largest=keep,
+        keep_largest=1 if args.largest else args.keep,
         fill_cavities=args.fill_holes,
     )
-    cap = not args.no_cap
-    warnings: list[str] = []
+    common: dict[str, Any] = {
+        "cleanup": cleanup,
+        "cap_borders": not args.no_cap,
+        "downsample": args.downsample,
+        "frame": args.frame,
+        "smooth_iterations": args.smooth,
+    }
+    if args.reduce is not None:
+        if args.reduce <= 1:
+            common["keep_fraction"] = args.reduce
+        else:
+            common["target_triangles"] = int(args.reduce)
     record: dict[str, Any] = {}
     if args.label is not None:
         values = volume_frame(volume, args.frame)
@@ -195,51 +196,33 @@ def run(args: argparse.Namespace) -> int:
             raise UnsupportedFileError(
                 f"series {series.info.id} is not a label map ({err}); use --lower for a threshold", source=series.info.id
             ) from err
-        (mesh,) = label_surfaces(
-            volume, [args.label], scheme=scheme, cleanup=cleanup, cap_borders=cap,
-            downsample_factor=args.downsample, frame=args.frame,
-        )
-        record.update({"label": args.label, "name": mesh.name})
-        lap("surface")
+        request = MeshRequest(labels=(args.label,), label_scheme=scheme, **common)
+        record["label"] = args.label
     else:
         lower = args.lower
         if lower == "otsu":
             lower = otsu_threshold(volume_frame(volume, args.frame))
             print(f"note: Otsu threshold {lower:g} {volume.unit}".rstrip(), file=sys.stderr)
         if args.upper is not None and args.upper < lower:
-            raise CoreError(f"--upper {args.upper:g} is below the lower threshold {lower:g}; nothing can be selected")
-        mesh, mask = threshold_surface(
-            volume, lower, args.upper, cleanup=cleanup, cap_borders=cap,
-            downsample_factor=args.downsample, frame=args.frame,
-        )
+            raise CoreError(f"--upper {args.upper:g} is below the Otsu threshold {lower:g}; nothing can be selected")
+        request = MeshRequest(lower=lower, upper=args.upper, **common)
         record.update({"lower": lower, "upper": args.upper, "unit": volume.unit})
-        warning = face_warning(volume.modality, mask, lower)
-        if warning:
-            warnings.append(warning)
-        lap("surface")
-    if args.smooth:
-        mesh = smooth_mesh(mesh, args.smooth)
-        lap("smooth")
-    if args.reduce is not None:
-        if args.reduce <= 1:
-            mesh = decimate_mesh(mesh, fraction=args.reduce)
-        else:
-            mesh = decimate_mesh(mesh, target_triangles=int(args.reduce))
-        lap("reduce")
+    built = build_meshes(volume, request)
+    mesh, figures = built.meshes[0], built.figures[0]
+    record["name"] = mesh.name
 
     fmt = format_from_suffix(args.output, ascii_stl=args.ascii)
     space = "RAS" if args.ras else "LPS"
+    written = time.perf_counter()
     try:
         with open(args.output, "wb") as handle:
             write_mesh(mesh, handle, fmt, space=space, scale=args.scale)
     except OSError as err:
         print(f"error: cannot write {args.output}: {err.strerror or err}", file=sys.stderr)
         return EXIT_NOTHING_PROCESSED
-    lap("write")
-    figures = mesh_figures(mesh)
-    lap("figures")
+    timings = {"load": round(load_s, 4), **built.timings_s, "write": round(time.perf_counter() - written, 4)}
 
-    for warning in warnings:
+    for warning in built.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     payload: dict[str, Any] = figures.to_json(space)
     payload.update(
@@ -250,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             "series": series.info.id,
             "modality": volume.modality,
             **record,
-            "warnings": warnings,
+            "warnings": list(built.warnings),
             "timings_s": timings,
         }
     )

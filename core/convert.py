@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 from isal import isal_zlib
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from core.dicom_export import export_dicom_series
 from core.errors import CoreError, SeriesGeometryError
@@ -207,8 +206,8 @@ def regularize(volume: Volume, stack: SliceStack, *, strict: bool = False, label
             "spacing, or upload the complete series."
         )
     data = stack_array(volume, stack)
-    spatial = data.shape[:3]
-    rest = data.shape[3:]
+    spatial: tuple[int, int, int] = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
+    rest = tuple(int(n) for n in data.shape[3:])
     flat = data.reshape(spatial + (-1,))
     fill = float(np.min(flat)) if flat.size else 0.0
 
@@ -328,6 +327,8 @@ def _place_slice(image: np.ndarray, shift: np.ndarray, plane: tuple[int, int], f
     canvas[whole[0] : whole[0] + image.shape[0], whole[1] : whole[1] + image.shape[1], :] = image
     if np.all(np.abs(fraction) < 1e-6):
         return canvas
+    from scipy import ndimage  # late: 0.2 s of import that only tilted series need
+
     for m in range(canvas.shape[-1]):
         canvas[:, :, m] = ndimage.shift(canvas[:, :, m], fraction, order=1, mode="constant", cval=fill)
     return canvas

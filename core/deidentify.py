@@ -1324,8 +1324,14 @@ def read_dicom(source: Source) -> Dataset:
         raise UnsupportedFileError(f"{source.name}: not a DICOM file", source=source.name)
     try:
         ds = pydicom.dcmread(io.BytesIO(source.data), force=True)
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        meta = getattr(ds, "file_meta", None) or Dataset()
+        # Some anonymised files keep the SOP UIDs only in the file meta: take them from there.
+        sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "").strip()
+        sop_instance = str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+        if sop_class and not str(ds.get("SOPClassUID", "") or ""):
+            ds.SOPClassUID = sop_class
+        if sop_instance and not str(ds.get("SOPInstanceUID", "") or ""):
+            ds.SOPInstanceUID = sop_instance
     except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, OSError, OverflowError) as err:
         raise UnsupportedFileError(
             f"{source.name}: damaged DICOM file ({err}). Export it again from the scanner or PACS.",
@@ -1378,6 +1384,27 @@ def _safe_modality(ds: Dataset) -> str:
     return re.sub(r"[^A-Z0-9]", "", str(ds.get("Modality", "") or "").upper())[:8] or "OT"
 
 
+def _series_key(ds: Dataset) -> str:
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    # Files whose series UID was blanked (some anonymisers do that): group them like
+    # a reader would, by what a series shares.
+    parts = (
+        ds.get(k, "")
+        for k in ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "Modality", "Rows", "Columns")
+    )
+    return "(no series UID) " + "|".join(str(p) for p in parts)
+
+
+def _fill_missing_uids(out: Dataset, uid_map: UIDMap, series_key: str) -> None:
+    """Give a de-identified instance the Type 1 study and series UIDs its source lacked (consistent per export)."""
+    if not str(out.get("SeriesInstanceUID", "") or "").strip():
+        out.SeriesInstanceUID = uid_map(f"tomoforge-missing-series-uid:{series_key}")
+    if not str(out.get("StudyInstanceUID", "") or "").strip():
+        out.StudyInstanceUID = uid_map("tomoforge-missing-study-uid")
+
+
 def deidentify_sources(
     sources: Iterable[Source],
     *,
@@ -1415,9 +1442,7 @@ def deidentify_sources(
         except CoreError as err:
             export.problems.append(Problem(source=source.name, message=err.message))
             continue
-        by_series.setdefault(str(ds.get("SeriesInstanceUID", "") or f"(no series UID) {source.name}"), []).append(
-            (source, ds)
-        )
+        by_series.setdefault(_series_key(ds), []).append((source, ds))
 
     index = 0
     for members in by_series.values():
@@ -1438,6 +1463,7 @@ def deidentify_sources(
         for source, ds in members:
             try:
                 out = deidentify_dataset(ds, uid_map=uid_map, date_shift_days=date_shift_days)
+                _fill_missing_uids(out, uid_map, _series_key(ds))
                 cleaned.append((source, out, dataset_to_bytes(out)))
             except CoreError as err:
                 export.problems.append(Problem(source=source.name, message=f"{source.name}: {err.message}"))

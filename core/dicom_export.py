@@ -287,9 +287,9 @@ def encode_pixels(array: np.ndarray, *, is_rgb: bool = False) -> PixelEncoding:
             return PixelEncoding(values.astype(np.int16, copy=False), "1", "0", True, 0.0, tuple(warnings))
         if 0 <= low and high <= 65535:
             return PixelEncoding(values.astype(np.uint16, copy=False), "1", "0", True, 0.0, tuple(warnings))
-        intercept = int(low)
-        stored = (values.astype(np.int64) - intercept).astype(np.uint16)
-        return PixelEncoding(stored, "1", str(intercept), True, 0.0, tuple(warnings))
+        offset = int(low)
+        stored = (values.astype(np.int64) - offset).astype(np.uint16)
+        return PixelEncoding(stored, "1", str(offset), True, 0.0, tuple(warnings))
     # Lossy: quantise to 65535 steps. Slope and intercept are taken as the DS strings
     # will be read back, so the error bound holds for the file, not just in memory.
     intercept_text = _ds(low)
@@ -478,14 +478,14 @@ def export_dicom_series(
         _copy_reference(common, reference, copy_frame_of_reference)
 
     files: list[tuple[str, bytes]] = []
-    width = max(4, len(str(n_slices * n_times)))
+    digits = max(4, len(str(n_slices * n_times)))
     for t in range(n_times):
         for n in range(n_slices):
             instance = t * n_slices + n + 1
             position = first_position + n * step
             image = stack[:, :, n, t] if n_times > 1 else stack[:, :, n]
             ds = _slice_dataset(common, position, normal, image, instance, t if n_times > 1 else None)
-            files.append((f"IM{instance:0{width}d}.dcm", _part10_bytes(ds)))
+            files.append((f"IM{instance:0{digits}d}.dcm", _part10_bytes(ds)))
 
     result = DicomExport(
         files=tuple(files),

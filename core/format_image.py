@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings as _warnings
+from typing import Any
 
 import numpy as np
 
@@ -67,8 +68,9 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def _open(source: Source, fmt: str):  # type: ignore[no-untyped-def]
-    from PIL import Image, UnidentifiedImageError
+def _open(source: Source, fmt: str) -> Any:
+    """A lazily decoded Pillow image (only the header is read here)."""
+    from PIL import Image
 
     try:
         with _warnings.catch_warnings():
@@ -79,7 +81,7 @@ def _open(source: Source, fmt: str):  # type: ignore[no-untyped-def]
         raise LimitError(
             f"{source.name}: {err} Downsample the picture before uploading it.", source=source.name
         ) from err
-    except (UnidentifiedImageError, *_PIL_ERRORS) as err:
+    except _PIL_ERRORS as err:  # UnidentifiedImageError is an OSError
         raise UnsupportedFileError(
             f"{source.name}: looks like {fmt} but cannot be opened ({err}). The file is damaged.", source=source.name
         ) from err

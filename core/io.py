@@ -7,6 +7,7 @@ whole upload, and a MetaImage header finds its data file wherever it sits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 from core.dicom_series import is_dicom, scan_dicom
@@ -14,6 +15,8 @@ from core.errors import CoreError
 from core.formats import scan_other
 from core.series import Problem, ScanResult, Series
 from core.sources import DEFAULT_LIMITS, Limits, Source, expand_sources
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 
@@ -55,15 +58,21 @@ def scan(
 
     dicom = [s for s in expanded if is_dicom(s.data)]
     other = [s for s in expanded if not is_dicom(s.data)]
-    if dicom:
-        progress(0.2, f"reading {len(dicom)} DICOM headers")
-        found = scan_dicom(dicom, limits)
-        result.series.extend(found.series)
-        result.errors.extend(found.errors)
-        result.skipped.extend(found.skipped)
-    if other:
-        progress(0.7, f"reading {len(other)} other files")
-        found = scan_other(other, limits)
+    for group, reader, text in ((dicom, scan_dicom, "DICOM headers"), (other, scan_other, "other files")):
+        if not group:
+            continue
+        progress(0.2 if reader is scan_dicom else 0.7, f"reading {len(group)} {text}")
+        try:
+            found = reader(group, limits)
+        except CoreError as err:
+            found = ScanResult(errors=[Problem(source=s.name, message=err.message) for s in group])
+        except Exception as err:  # noqa: BLE001 - the boundary: a reader bug must not take the upload down
+            log.exception("reader %s failed", reader.__name__)
+            message = (
+                f"an internal error stopped reading these files ({type(err).__name__}). "
+                "The rest of the upload was read; please report this file type."
+            )
+            found = ScanResult(errors=[Problem(source=s.name, message=f"{s.name}: {message}") for s in group])
         result.series.extend(found.series)
         result.errors.extend(found.errors)
         result.skipped.extend(found.skipped)

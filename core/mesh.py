@@ -1092,12 +1092,10 @@ def build_meshes(volume: Volume, request: MeshRequest, *, limits: MeshLimits = D
         meshes = [smooth_mesh(m, request.smooth_iterations, pass_band=request.pass_band) for m in meshes]
         lap("smoothing")
     if request.keep_fraction is not None or request.target_triangles is not None:
-        before = [m.n_triangles for m in meshes]
         meshes = [
             decimate_mesh(m, fraction=request.keep_fraction, target_triangles=request.target_triangles)
             for m in meshes
         ]
-        del before
         lap("decimation")
     figures = [mesh_figures(m) for m in meshes]
     lap("figures")

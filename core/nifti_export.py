@@ -93,14 +93,14 @@ def nifti_storage(
     if np.issubdtype(array.dtype, np.floating):
         if not bool(np.isfinite(array).all()):
             return array.astype(np.float32, copy=False), 1.0, 0.0
-        low, high = float(array.min()), float(array.max())
+        lowest, highest = float(array.min()), float(array.max())
         if np.array_equal(array, np.round(array)):
-            if -32768 <= low and high <= 32767:
+            if -32768 <= lowest and highest <= 32767:
                 return array.astype(np.int16), 1.0, 0.0
-            if 0 <= low and high <= 65535:
+            if 0 <= lowest and highest <= 65535:
                 return array.astype(np.uint16), 1.0, 0.0
         if rescale is not None:
-            scaled = _apply_rescale_hint(array, low, high, *rescale)
+            scaled = _apply_rescale_hint(array, lowest, highest, *rescale)
             if scaled is not None:
                 return scaled
         return array.astype(np.float32, copy=False), 1.0, 0.0
@@ -192,10 +192,10 @@ def _voxel_chunks(stored: np.ndarray, is_rgb: bool) -> Iterator[bytes]:
         spatial = stored.shape[1:]
     else:
         spatial = stored.shape
-    frames = stored.reshape(stored.shape[: (4 if is_rgb else 3)] + (-1,))
+    frames = stored.reshape(tuple(stored.shape[: (4 if is_rgb else 3)]) + (-1,))
     slab_bytes = max(1, int(np.prod(frames.shape[:-2])) * stored.itemsize)
     per_chunk = max(1, _CHUNK_BYTES // slab_bytes)
-    n_k = spatial[2]
+    n_k = int(spatial[2])
     for t in range(frames.shape[-1]):
         for start in range(0, n_k, per_chunk):
             yield frames[..., start : start + per_chunk, t].tobytes(order="F")

@@ -193,7 +193,6 @@ def sample_series() -> Series:
         shape=shape,
         affine=sample_affine(shape),
         dtype="int16",
-        warnings=("synthetic phantom for trying the app; not patient data",),
         sources=(),
     )
     return Series(info=info, loader=lambda: make_sample_ct(shape), headers=())

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.convert import ConvertOptions, Conversion, convert_batch, convert_series, download_name, output_stem
+from core.convert import Conversion, ConvertOptions, convert_batch, convert_series, download_name, output_stem
 from core.dicom_export import read_reference
 from core.errors import CoreError
 from core.qa import QAReport, qa_report

@@ -19,7 +19,6 @@ Stable element labels (used by the browser test): sliders ``"Axial slice"``,
 from __future__ import annotations
 
 import base64
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from core.render import (
     LabelOverlay,
     Slab,
     ThresholdOverlay,
+    deflate,
     encode_png,
     histogram,
     label_colors,
@@ -49,7 +49,6 @@ from core.render import (
     view_file_name,
     view_geometry,
     view_values,
-    voxel_to_screen,
 )
 from core.series import Window
 from core.sources import Source
@@ -115,6 +114,18 @@ function describe(root, p) {
   return value + "RAS (" + ras.map((x) => x.toFixed(1)).join(", ") + ") mm · voxel (" + ijk.join(", ") + ")";
 }
 
+// Values travel byte-shuffled (all first bytes, then all second bytes, ...), which deflates
+// better; put the bytes of each value back together before viewing them as numbers.
+function unshuffle(bytes, size) {
+  if (size === 1) return bytes.buffer;
+  const n = bytes.length / size, out = new Uint8Array(bytes.length);
+  for (let b = 0; b < size; b++) {
+    const plane = bytes.subarray(b * n, (b + 1) * n);
+    for (let i = 0; i < n; i++) out[i * size + b] = plane[i];
+  }
+  return out.buffer;
+}
+
 async function loadValues(root) {
   const s = root._state;
   if (!s.values) { root._values = null; root._valuesKey = null; return; }
@@ -122,12 +133,11 @@ async function loadValues(root) {
   if (root._valuesKey === key || root._loadingKey === key) return;
   root._loadingKey = key;
   let buffer = await (await fetch("data:application/octet-stream;base64," + s.values.b64)).arrayBuffer();
-  if (s.values.deflate) {
-    const stream = new Blob([buffer]).stream().pipeThrough(new DecompressionStream("deflate"));
-    buffer = await new Response(stream).arrayBuffer();
-  }
+  const stream = new Blob([buffer]).stream().pipeThrough(new DecompressionStream("deflate"));
+  buffer = await new Response(stream).arrayBuffer();
   if (!root._state.values || root._state.values.key !== key) return;  // a newer slice arrived meanwhile
-  root._values = new TYPES[s.values.dtype](buffer);
+  const type = TYPES[s.values.dtype];
+  root._values = new type(unshuffle(new Uint8Array(buffer), type.BYTES_PER_ELEMENT));
   root._valuesKey = key;
 }
 
@@ -140,15 +150,21 @@ function layout(root) {
   img.style.height = Math.round(s.height * scale) + "px";
 }
 
+// The crosshair is the voxel of the shared cursor (window.__tomoforgeCursor, set by the
+// cursor component). Keeping it out of each view's data lets Streamlit send an unchanged
+// view as a cache reference instead of the image again.
 function drawCross(root) {
-  const s = root._state;
+  const s = root._state, cursor = window.__tomoforgeCursor;
   const svg = root.querySelector(".tf-cross");
-  svg.setAttribute("viewBox", "0 0 " + s.width + " " + s.height);
-  const h = root.querySelector(".tf-h"), v = root.querySelector(".tf-v");
-  const show = Array.isArray(s.cross);
+  const show = !!(s && cursor && cursor.show && cursor.series === s.series);
   svg.style.display = show ? "" : "none";
   if (!show) return;
-  const [col, row] = s.cross;
+  svg.setAttribute("viewBox", "0 0 " + s.width + " " + s.height);
+  let nc = cursor.ijk[s.colAxis], nr = cursor.ijk[s.rowAxis];
+  if (s.colDesc) nc = s.nCols - 1 - nc;
+  if (s.rowDesc) nr = s.nRows - 1 - nr;
+  const col = (nc + 0.5) * s.width / s.nCols, row = (nr + 0.5) * s.height / s.nRows;
+  const h = root.querySelector(".tf-h"), v = root.querySelector(".tf-v");
   for (const [el, x1, y1, x2, y2] of [[h, 0, row, s.width, row], [v, col, 0, col, s.height]]) {
     el.setAttribute("x1", x1); el.setAttribute("y1", y1); el.setAttribute("x2", x2); el.setAttribute("y2", y2);
   }
@@ -176,9 +192,19 @@ export default function (component) {
     root._img.addEventListener("click", (event) => {
       if (!root._state) return;
       const p = pixelAt(root, event);
-      root._setTrigger("click", { col: p.col, row: p.row, plane: root._state.plane });
+      root._setTrigger("click", { col: p.col, row: p.row });
     });
+    // Mouse wheel over the image steps through slices (one rerun per notch, at most every 60 ms).
+    root._img.addEventListener("wheel", (event) => {
+      if (!root._state) return;
+      event.preventDefault();
+      const now = performance.now();
+      if (root._lastWheel && now - root._lastWheel < 60) return;
+      root._lastWheel = now;
+      root._setTrigger("scroll", { step: event.deltaY > 0 ? -1 : 1 });
+    }, { passive: false });
     new ResizeObserver(() => { if (root._state) layout(root); }).observe(root);
+    window.addEventListener("tomoforge-cursor", () => drawCross(root));
   }
   root._setTrigger = setTriggerValue;
   root._state = data;
@@ -197,10 +223,20 @@ export default function (component) {
 }
 """
 
+# Publishes the crosshair voxel to the views on the page (no DOM of its own).
+CURSOR_JS = r"""
+export default function (component) {
+  window.__tomoforgeCursor = component.data;
+  window.dispatchEvent(new CustomEvent("tomoforge-cursor"));
+}
+"""
+
 slice_view = st.components.v2.component("tomoforge_slice_view", css=VIEW_CSS, js=VIEW_JS)
+slice_cursor = st.components.v2.component("tomoforge_slice_cursor", js=CURSOR_JS)
 
 PLANE_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 SLAB_MODES = {"Off": None, "MIP (maximum)": "max", "MinIP (minimum)": "min", "Mean": "mean"}
+SLAB_NAMES = {"max": "MIP", "min": "MinIP", "mean": "Mean"}
 CUSTOM = "Custom"
 CACHE_SIZE = 12  # rendered views kept per session (three planes x a few recent settings)
 
@@ -297,6 +333,16 @@ def _clicked(plane: str, radiological: bool) -> None:
     pos.update(linked_indices(ijk))
 
 
+def _scrolled(plane: str) -> None:
+    state = st.session_state.get(f"view_{plane}")
+    scroll = state.get("scroll") if state else None
+    if not isinstance(scroll, dict):
+        return
+    pos = st.session_state[POS]
+    step = 1 if scroll.get("step", 0) > 0 else -1
+    pos[plane] = int(np.clip(pos[plane] + step, 0, n_slices(volume, plane) - 1))
+
+
 def load_overlay(upload: Any) -> Volume | None:
     """Read an uploaded label map once per upload; keep the error message if it cannot be used."""
     state = st.session_state[OVERLAY]
@@ -339,13 +385,24 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> dic
     pos = st.session_state[POS]
     index = pos[plane]
     cache: OrderedDict = st.session_state.setdefault(CACHE, OrderedDict())
-    key = (info.id, plane, index, hover_values, options["token"])
+    key = (info.id, plane, index, hover_values, options["token"], options["max_height"])
     payload = cache.get(key)
     if payload is None:
         image = render_view(volume, plane, index, options["window"], **options["render"])
         geometry = view_geometry(volume, plane, radiological=options["render"]["radiological"])
+        count = n_slices(volume, plane)
+        info_text = f"{PLANE_TITLES[plane]} {index}/{count - 1}"
+        if options["render"]["slab"] is not None:
+            slab = options["render"]["slab"]
+            info_text += f" · {SLAB_NAMES[slab.mode]} {slab.thickness_mm:g} mm"
+        if geometry.obliquity_deg > 1.0:
+            info_text += f" · oblique {geometry.obliquity_deg:.0f}°"
         payload = {
+            "series": info.id,
             "plane": plane,
+            "info": info_text,
+            "idle": "Point at the image for value, RAS (mm) and voxel; click to move the crosshair, scroll for slices.",
+            "maxHeight": options["max_height"],
             "label": f"{PLANE_TITLES[plane]} view",
             "image": "data:image/png;base64," + base64.b64encode(encode_png(image)).decode(),
             "width": geometry.shape[1],
@@ -379,12 +436,13 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> dic
                 values = values.astype(np.float64)
             elif values.dtype.kind == "b":
                 values = values.astype(np.uint8)
-            values = values.astype(values.dtype.newbyteorder("<"), copy=False)
+            values = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+            # Byte planes (all first bytes, then all second bytes...) deflate ~15% smaller.
+            shuffled = values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T.tobytes()
             payload["values"] = {
                 "key": f"{plane}:{index}:{options['token']}",
                 "dtype": values.dtype.name,
-                "deflate": True,
-                "b64": base64.b64encode(zlib.compress(values.tobytes(), 1)).decode(),
+                "b64": base64.b64encode(deflate(shuffled, 1)).decode(),
             }
         cache[key] = payload
         while len(cache) > CACHE_SIZE:
@@ -559,8 +617,9 @@ def viewer() -> None:
         "slab": slab,
         "overlays": tuple(overlays),
     }
+    overlay_key = st.session_state[OVERLAY]["key"]  # the uploaded label map's file id
     overlay_token = tuple(
-        (type(o).__name__, id(getattr(o, "labels", None)), getattr(o, "lower", None), getattr(o, "upper", None), o.opacity)
+        (type(o).__name__, overlay_key, getattr(o, "lower", None), getattr(o, "upper", None), o.opacity)
         for o in overlays
     )
     token = settings_token(
@@ -575,40 +634,36 @@ def viewer() -> None:
     )
     options = {"window": window or Window(127.5, 256.0), "render": render_options, "token": token}
 
-    ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
+    options["max_height"] = 0.78 if len(planes) == 1 else 0.55
     columns = st.columns(len(planes))
     for column, plane in zip(columns, planes):
         with column:
             count = n_slices(volume, plane)
-            st.session_state[f"slice_{plane}"] = pos[plane]
-            st.slider(
-                f"{PLANE_TITLES[plane]} slice",
-                0,
-                count - 1,
-                key=f"slice_{plane}",
-                on_change=_slider_moved,
-                args=(plane,),
-                disabled=count == 1,
-            )
+            if count > 1:
+                st.session_state[f"slice_{plane}"] = pos[plane]
+                st.slider(
+                    f"{PLANE_TITLES[plane]} slice",
+                    0,
+                    count - 1,
+                    key=f"slice_{plane}",
+                    on_change=_slider_moved,
+                    args=(plane,),
+                )
+            else:
+                st.caption(f"{PLANE_TITLES[plane]}: a single slice")
             try:
-                payload = dict(view_payload(plane, options, hover_values))
+                payload = view_payload(plane, options, hover_values)
             except CoreError as err:
                 show_error(err.message)
                 continue
-            geometry = view_geometry(volume, plane, radiological=radiological)
-            payload["cross"] = list(voxel_to_screen(geometry, ijk)) if show_cross else None
-            payload["info"] = f"{PLANE_TITLES[plane]} {pos[plane] + 1}/{count}" + (
-                f" · {slab_label.split(' ')[0]} {slab.thickness_mm:g} mm" if slab else ""
-            )
-            payload["idle"] = "Point at the image for value, RAS (mm) and voxel; click to move the crosshair."
-            payload["maxHeight"] = 0.78 if len(planes) == 1 else 0.55
-            if geometry.obliquity_deg > 1.0:
-                payload["info"] += f" · oblique {geometry.obliquity_deg:.0f}°"
             slice_view(
                 key=f"view_{plane}",
                 data=payload,
-                on_click_change=_clicked_callback(plane, radiological),
+                on_click_change=_callback(_clicked, plane, radiological),
+                on_scroll_change=_callback(_scrolled, plane),
             )
+    ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
+    slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
     try:
         here = readout(volume, ijk, frame=frame)
         st.markdown(f"**Crosshair:** {plain(here.text())}")
@@ -625,9 +680,11 @@ def viewer() -> None:
         download_buttons(plane, options)
 
 
-def _clicked_callback(plane: str, radiological: bool) -> Callable[[], None]:
+def _callback(function: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """A no-argument callback (what components accept) calling ``function(*args)``."""
+
     def callback() -> None:
-        _clicked(plane, radiological)
+        function(*args)
 
     return callback
 

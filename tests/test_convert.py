@@ -88,7 +88,9 @@ def run_dcm2niix(folder: Path, out: Path) -> list[Path]:
     return sorted(out.glob("*.nii"))
 
 
-def assert_same_world(ours: nib.Nifti1Image, theirs: nib.Nifti1Image, *, values: str = "exact", tol: float = 0.0) -> None:
+def assert_same_world(
+    ours: nib.Nifti1Image, theirs: nib.Nifti1Image, *, values: str = "exact", tol: float = 0.0
+) -> None:
     """Same grid in world space (within 1e-3 mm) and the same value at every world point."""
     a, a_affine = as_ras(scaled(ours), ours.affine)
     b, b_affine = as_ras(scaled(theirs), theirs.affine)
@@ -96,7 +98,9 @@ def assert_same_world(ours: nib.Nifti1Image, theirs: nib.Nifti1Image, *, values:
         b = b[..., 0]
     assert a.shape == b.shape
     np.testing.assert_allclose(a_affine, b_affine, atol=GEOMETRY_TOLERANCE_MM / max(a.shape[:3]))
-    np.testing.assert_allclose(world_corners(a.shape, a_affine), world_corners(b.shape, b_affine), atol=GEOMETRY_TOLERANCE_MM)
+    np.testing.assert_allclose(
+        world_corners(a.shape, a_affine), world_corners(b.shape, b_affine), atol=GEOMETRY_TOLERANCE_MM
+    )
     if values == "exact":
         np.testing.assert_array_equal(a, b)
     elif values == "within":
@@ -130,7 +134,11 @@ def voxel_world_lps(shape, affine_ras: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- real data vs references
 
 REFERENCE_CASES = [
-    ("mr_siemens_gre_fieldmap_5sl/dicom", "mr_siemens_gre_fieldmap_5sl/ref_dcm2niix/2_gre_field_mapping_PMUlog.nii", "exact"),
+    (
+        "mr_siemens_gre_fieldmap_5sl/dicom",
+        "mr_siemens_gre_fieldmap_5sl/ref_dcm2niix/2_gre_field_mapping_PMUlog.nii",
+        "exact",
+    ),
     ("mr_philips_epi_4d/dicom", "mr_philips_epi_4d/ref_dcm2niix/EPI_asc_CLEAR_201.nii", "proportional"),
     ("transfer_syntaxes_siemens_mosaic/dicom/1.dcm", "transfer_syntaxes_siemens_mosaic/ref_dcm2niix/1.nii", "exact"),
     ("transfer_syntaxes_siemens_mosaic/dicom/9.dcm", "transfer_syntaxes_siemens_mosaic/ref_dcm2niix/9.nii", "exact"),
@@ -142,7 +150,9 @@ REFERENCE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("source", "reference", "values"), REFERENCE_CASES, ids=[c[0].split("/")[0] for c in REFERENCE_CASES])
+@pytest.mark.parametrize(
+    ("source", "reference", "values"), REFERENCE_CASES, ids=[c[0].split("/")[0] for c in REFERENCE_CASES]
+)
 def test_nifti_matches_the_reference_converters(source: str, reference: str, values: str) -> None:
     series = only_series(read_paths([data_path(*source.split("/"))]))
     conversion = convert_series(series, ConvertOptions())
@@ -305,7 +315,9 @@ def test_nifti_to_dicom_to_nifti_round_trip(orientation: str, dtype: str, tmp_pa
     assert export.exact == (dtype != "float32")
 
     # Our loader reads it back as one series: NIfTI of it equals the original.
-    back = nifti_of(convert_series(only_series([Source(n, d) for n, d in export.files]), ConvertOptions()).outputs[0][1])
+    back = nifti_of(
+        convert_series(only_series([Source(n, d) for n, d in export.files]), ConvertOptions()).outputs[0][1]
+    )
     assert_same_world(back, original, values="exact" if export.exact else "within", tol=tolerance)
 
     # dcm2niix reads it as exactly one series, with the same geometry.
@@ -382,7 +394,11 @@ def test_dicom_export_copies_patient_and_study_from_a_reference_only() -> None:
 
 def test_sop_class_follows_modality() -> None:
     volume = Volume(np.zeros((3, 3, 2), dtype=np.int16), np.eye(4))
-    for modality, sop in (("CT", pydicom.uid.CTImageStorage), ("MR", pydicom.uid.MRImageStorage), ("PT", pydicom.uid.SecondaryCaptureImageStorage)):
+    for modality, sop in (
+        ("CT", pydicom.uid.CTImageStorage),
+        ("MR", pydicom.uid.MRImageStorage),
+        ("PT", pydicom.uid.SecondaryCaptureImageStorage),
+    ):
         ds = pydicom.dcmread(io.BytesIO(export_dicom_series(volume, modality=modality).files[0][1]))
         assert ds.SOPClassUID == sop
 
@@ -458,7 +474,9 @@ def test_missing_slice_is_resampled_to_equal_spacing_like_dcm2niix(tmp_path: Pat
     image = nifti_of(conversion.outputs[0][1])
     assert image.header.get_zooms()[:3] == pytest.approx((1.0, 1.0, 2.0))
     _assert_phantom(image)  # the missing slice is interpolated from its neighbours: linear, so exact
-    produced = [p for p in run_dcm2niix(write_sources(sources, tmp_path / "dicom"), tmp_path / "out") if "_Eq" in p.name]
+    produced = [
+        p for p in run_dcm2niix(write_sources(sources, tmp_path / "dicom"), tmp_path / "out") if "_Eq" in p.name
+    ]
     assert len(produced) == 1
     assert_same_world(image, nib.load(produced[0]), values="within", tol=1.0)
 
@@ -472,7 +490,9 @@ def test_uneven_spacing_is_resampled_on_dcm2niix_grid(tmp_path: Path) -> None:
     image = nifti_of(convert_series(only_series(sources), ConvertOptions()).outputs[0][1])
     assert image.shape[2] == 6 and image.header.get_zooms()[2] == pytest.approx(1.8)  # smallest step, ends on the last
     _assert_phantom(image)
-    produced = [p for p in run_dcm2niix(write_sources(sources, tmp_path / "dicom"), tmp_path / "out") if "_Eq" in p.name]
+    produced = [
+        p for p in run_dcm2niix(write_sources(sources, tmp_path / "dicom"), tmp_path / "out") if "_Eq" in p.name
+    ]
     assert len(produced) == 1
     assert_same_world(image, nib.load(produced[0]), values="within", tol=1.0)
 
@@ -522,8 +542,16 @@ def _sitk_ras(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 RASTER_CASES = {
     "int16-oblique": (lambda: _values("int16"), ROUND_TRIP_AFFINES["oblique"], False),
     "float32-mirrored": (lambda: _values("float32"), ROUND_TRIP_AFFINES["mirrored"], False),
-    "uint8-4d": (lambda: np.arange(13 * 11 * 7 * 3, dtype=np.uint8).reshape(13, 11, 7, 3), ROUND_TRIP_AFFINES["axial"], False),
-    "rgb": (lambda: np.arange(13 * 11 * 7 * 3, dtype=np.uint8).reshape(13, 11, 7, 3), ROUND_TRIP_AFFINES["coronal"], True),
+    "uint8-4d": (
+        lambda: np.arange(13 * 11 * 7 * 3, dtype=np.uint8).reshape(13, 11, 7, 3),
+        ROUND_TRIP_AFFINES["axial"],
+        False,
+    ),
+    "rgb": (
+        lambda: np.arange(13 * 11 * 7 * 3, dtype=np.uint8).reshape(13, 11, 7, 3),
+        ROUND_TRIP_AFFINES["coronal"],
+        True,
+    ),
 }
 
 
@@ -597,7 +625,9 @@ def test_batch_converts_every_series_into_one_zip() -> None:
 
 def test_batch_dicom_export_and_failures_are_listed() -> None:
     good = make_series(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5), series_number=2, description="ok")
-    gapped = make_series(np.zeros((5, 4, 4), dtype=np.int16), drop=[2], series_number=9, description="gap", name_prefix="G")
+    gapped = make_series(
+        np.zeros((5, 4, 4), dtype=np.int16), drop=[2], series_number=9, description="gap", name_prefix="G"
+    )
     result = scan(good + gapped)
     batch = convert_batch(result.series, ConvertOptions(to="dicom", strict=True))
     assert [p.message for p in batch.problems if "spacing" in p.message]

@@ -119,7 +119,9 @@ def test_reference_copies_patient_and_study(tmp_path: Path) -> None:
     folder = write_sources(source, tmp_path / "in")
     reference = make_series(np.zeros((1, 2, 2), dtype=np.int16), description="ref", name_prefix="REF")
     reference_file = write_sources(reference, tmp_path / "ref") / "REF0000.dcm"
-    out = run_cli("convert", str(folder), "--to", "dicom", "--reference", str(reference_file), "-o", str(tmp_path / "out"))
+    out = run_cli(
+        "convert", str(folder), "--to", "dicom", "--reference", str(reference_file), "-o", str(tmp_path / "out")
+    )
     assert out.returncode == 0, out.stderr
     (path,) = printed_paths(out)
     written = pydicom.dcmread(sorted(path.glob("*.dcm"))[0], stop_before_pixels=True)

@@ -35,11 +35,13 @@ from core.deidentify import (
     safe_description,
     shift_date,
     shift_datetime,
+    sources_from_headers,
+    zip_export,
 )
 from core.errors import EXIT_NOTHING_PROCESSED, EXIT_OK, EXIT_USAGE
 from core.header import datasets_to_json, flatten_dataset, rows_to_csv
 from core.sources import Source
-from tests.conftest import REPO
+from tests.conftest import REPO, data_path, expected_entries
 from tests.phi_factory import (
     MARKER,
     MARKER_TIME,
@@ -540,3 +542,41 @@ def test_cli_through_python_m_core(study, tmp_path: Path) -> None:
     )
     assert done.returncode == EXIT_OK, done.stderr
     check_consistency(check_export(_read_tree(tmp_path / "out"), study), study)
+
+
+@pytest.mark.skipif(not DCM2NIIX.exists(), reason="dcm2niix is not installed in .venv")
+def test_real_jpeg2000_ct_keeps_its_geometry(tmp_path: Path) -> None:
+    """A real Siemens CT (JPEG 2000 lossless): de-identified, it converts to the reference dcm2niix affine."""
+    folder = data_path("ct_siemens_j2k_20sl", "dicom")
+    (entry,) = [e for e in expected_entries() if e["name"] == "ct_siemens_j2k_20sl"]
+    (reference,) = entry["units"][0]["dcm2niix"]["outputs"]
+    originals = sorted(folder.iterdir())
+    names = {str(pydicom.dcmread(p, stop_before_pixels=True).PatientName) for p in originals}
+    export = deidentify_sources([Source(p.name, p.read_bytes()) for p in originals])
+    assert export.problems == [] and len(export.files) == 20
+    for item in export.files:
+        ds = pydicom.dcmread(io.BytesIO(item.data))
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # pixels untouched, still J2K
+        assert not [e for e in ds.iterall() if e.tag.is_private]
+        assert all(n.encode() not in item.data for n in names if n)
+    cli_deidentify.write_export(export, tmp_path / "out")
+    (nii,) = _dcm2niix(tmp_path / "out" / "series_001_CT", tmp_path / "nii")
+    img = nib.load(nii)
+    assert list(img.shape) == reference["shape"]
+    assert np.allclose(img.affine, reference["affine"], atol=1e-4)
+
+
+def test_zip_of_a_scanned_series_from_its_headers(study) -> None:
+    """The Headers page's DICOM download: original files recovered from the series headers, zipped de-identified."""
+    from core.io import scan
+
+    result = scan(study.sources)
+    assert len(result.series) == 2
+    for series in result.series:
+        sources = sources_from_headers(series.headers)
+        assert len(sources) == 4 and {s.data for s in sources} <= {s.data for s in study.sources}
+        archive = zip_export(deidentify_sources(sources))
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            files = {name: zf.read(name) for name in zf.namelist()}
+        assert sorted(files) == [f"series_001_CT/IM{n:05d}.dcm" for n in range(1, 5)]
+        check_export(files, study)

@@ -812,6 +812,7 @@ def test_big_endian_metaimage_and_gzipped_pair_header(tmp_path: Path) -> None:
     assert_same_image(_load_checked(_only_series(pair)), ref_array, ref_affine)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about every damaged TIFF tag
 def test_damaged_headers_only_raise_core_errors(tmp_path: Path) -> None:
     """Mutated headers of every format: scanning and loading fail, if at all, with a CoreError.
 
