@@ -429,6 +429,8 @@ def export_dicom_series(
     common.SeriesDescription = series_description[:64]
     common.FrameOfReferenceUID = frame_uid
     common.PositionReferenceIndicator = ""
+    if written_modality in ("CT", "MR"):
+        common.PatientPosition = ""  # type 2C for CT and MR: present, unknown for a derived volume
     common.Manufacturer = "TomoForge"
     common.SoftwareVersions = "TomoForge"
     common.ImageType = ["DERIVED", "SECONDARY"] + (["AXIAL"] if written_modality == "CT" else [])

@@ -771,7 +771,9 @@ def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
         is_rgb=fmt_rgb,
     )
     loader = _make_loader(plan, info, out_type, fmt_rgb, has_lut, modality, _unit(ds, modality))
-    return Series(info=info, loader=loader, headers=tuple(item.ds for item in files))
+    return Series(
+        info=info, loader=loader, headers=tuple(item.ds for item in files), files=tuple(item.source for item in files)
+    )
 
 
 # --- loading -----------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from core.sources import Source
 from core.volume import Volume, spacing_from_affine
 
 
@@ -74,12 +75,15 @@ class Series:
 
     ``headers`` holds format-specific header objects (pydicom Datasets without
     pixel data in slice order, a nibabel header, a dict of NRRD/MetaImage
-    fields); the header page reads them, the volume never does.
+    fields); the header page reads them, the volume never does. ``files`` are
+    the uploaded files the series was read from (the same bytes, not a copy),
+    for exports that rewrite the originals, such as de-identified DICOM.
     """
 
     info: SeriesInfo
     loader: Callable[[], Volume]
     headers: Sequence[Any] = field(default_factory=tuple)
+    files: Sequence[Source] = field(default_factory=tuple)
 
     def load(self) -> Volume:
         return self.loader()

@@ -14,7 +14,7 @@ Speed: integer data of at most 16 bits is windowed with a lookup table of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -278,7 +278,7 @@ _COLORMAP_POINTS: dict[str, list[tuple[float, tuple[int, int, int]]]] = {
 COLORMAPS: tuple[str, ...] = tuple(_COLORMAP_POINTS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def colormap_lut(name: str) -> np.ndarray:
     """A (256, 3) uint8 table: grey level -> RGB for the colormap ``name``.
 

@@ -24,9 +24,9 @@ from core.deidentify import (
     deidentify_sources,
     is_known_private_creator,
     masked,
-    sources_from_headers,
     zip_export,
 )
+from core.sources import Source
 from pages.common import UPLOAD_KEY, current_series, show_error, show_warning
 
 st.title("Headers")
@@ -218,7 +218,8 @@ def dicom_view() -> None:
 
 def dicom_download() -> None:
     st.text("De-identified DICOM files of this series (zip)")
-    sources = sources_from_headers(headers)
+    # Neutral names: the uploaded file names may themselves carry patient data.
+    sources = [Source(name=f"instance_{n:04d}", data=f.data) for n, f in enumerate(series.files, start=1)]
     if not sources:
         st.text("Not available: the original files of this series are not kept in memory.")
         return

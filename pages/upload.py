@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from core.sample import sample_series
 
 from core.io import scan
+from core.sample import sample_series
 from core.series import ScanResult
 from core.sources import Source
 from pages.common import CURRENT, UPLOAD_KEY, current_scan, plain, set_scan, show_error

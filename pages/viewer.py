@@ -517,11 +517,30 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
 
 @st.fragment
 def viewer() -> None:
+    import sys as _s
+    import time as _t
+    _t0 = _t.perf_counter()
+    _viewer()
+    _mark("end")
+    steps = " ".join(f"{a[0]}:{(b[1]-a[1])*1e3:.1f}" for a, b in zip(_MARKS, _MARKS[1:]))
+    print(f"TIMING fragment {(_t.perf_counter() - _t0) * 1e3:.1f} ms | {steps}", file=_s.stderr, flush=True)
+
+
+_MARKS = []
+def _mark(name):
+    import time as _t
+    _MARKS.append((name, _t.perf_counter()))
+
+
+def _viewer() -> None:
+    _MARKS.clear()
+    _mark("0")
     facts = series_facts()
     choices = window_choices(facts) if not volume.is_rgb else {}
     init_state(choices)
     pos = st.session_state[POS]
 
+    _mark("1")
     top = st.columns([1.2, 1.3, 2.2, 1.0, 1.0])
     layout_choice = top[0].radio("Layout", ["Three views", "One view"], horizontal=True, key="viewer_layout")
     planes = list(PLANES)
@@ -553,6 +572,7 @@ def viewer() -> None:
         )
         window = Window(center=float(center), width=float(width), name=st.session_state["viewer_window_choice"])
 
+    _mark("2")
     second = st.columns([1.0, 1.0, 1.4, 1.2, 1.0])
     invert = second[0].toggle("Invert", key="viewer_invert", disabled=volume.is_rgb)
     colormap = second[1].selectbox("Colormap", COLORMAPS, key="viewer_colormap", disabled=volume.is_rgb)
@@ -574,6 +594,7 @@ def viewer() -> None:
     slab_mode = SLAB_MODES[slab_label]
     slab = Slab(slab_mode, float(thickness)) if slab_mode else None
 
+    _mark("3")
     overlays: list[Any] = []
     with st.expander("Overlay", expanded=False):
         kind = st.radio("Overlay", ["None", "Label map", "Threshold"], horizontal=True, key="viewer_overlay_kind")
@@ -609,6 +630,7 @@ def viewer() -> None:
             )
     hover_values = True
 
+    _mark("4")
     render_options = {
         "frame": frame,
         "radiological": radiological,
@@ -634,6 +656,7 @@ def viewer() -> None:
     )
     options = {"window": window or Window(127.5, 256.0), "render": render_options, "token": token}
 
+    _mark("5")
     options["max_height"] = 0.78 if len(planes) == 1 else 0.55
     columns = st.columns(len(planes))
     for column, plane in zip(columns, planes):
@@ -651,8 +674,12 @@ def viewer() -> None:
                 )
             else:
                 st.caption(f"{PLANE_TITLES[plane]}: a single slice")
+            import sys as _s
+            import time as _t
+            _t1 = _t.perf_counter()
             try:
                 payload = view_payload(plane, options, hover_values)
+                print(f"TIMING payload {plane} {(_t.perf_counter() - _t1) * 1e3:.1f} ms", file=_s.stderr, flush=True)
             except CoreError as err:
                 show_error(err.message)
                 continue
@@ -662,20 +689,24 @@ def viewer() -> None:
                 on_click_change=_callback(_clicked, plane, radiological),
                 on_scroll_change=_callback(_scrolled, plane),
             )
+    _mark("6")
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
     slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
+    _mark("7")
     try:
         here = readout(volume, ijk, frame=frame)
         st.markdown(f"**Crosshair:** {plain(here.text())}")
     except CoreError as err:
         show_error(err.message)
 
+    _mark("8")
     st.plotly_chart(
         histogram_figure(facts, window),
         key="viewer_histogram",
         config={"displayModeBar": False},
     )
     st.caption("Histogram of all voxels (log scale); the shaded band is the current window.")
+    _mark("9")
     for plane in planes:
         download_buttons(plane, options)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from core.sample import sample_series
 
 from core.io import scan
+from core.sample import sample_series
 from core.series import Series
 from core.sources import Source, read_paths
 from tests.conftest import data_path

@@ -45,7 +45,7 @@ from core.render import (
     voxel_to_screen,
 )
 from core.series import Window
-from core.volume import LPS_TO_RAS, Volume, reorient_to_ras
+from core.volume import Volume, reorient_to_ras
 
 MARKER = 1000
 WHITE = Window(center=500.0, width=100.0)  # background 0 -> black, marker 1000 -> white
