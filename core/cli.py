@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     # Imported here so `python -m core info` does not pay for meshing/conversion imports.
-    from core import cli_deidentify
+    from core import cli_convert, cli_deidentify, cli_mesh
 
+    cli_convert.add_parser(commands)
+    cli_mesh.add_parser(commands)
     cli_deidentify.add_parser(commands)
     return parser
 

@@ -95,16 +95,17 @@ def run_convert(args: argparse.Namespace) -> int:
             print(f"error: {series.info.id}: {err.message}", file=sys.stderr)
             continue
         try:
-            for name, data in conversion.outputs:
-                target = outdir / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
+            conversion.write(outdir)
             if args.qa:
                 report = json.dumps(conversion.report.to_json(), indent=2) + "\n"
                 (outdir / f"{conversion.stem}_qa.json").write_text(report, encoding="utf-8")
+        except CoreError as err:
+            print(f"error: {series.info.id}: {err.message}", file=sys.stderr)
+            continue
         except OSError as err:
+            # The folder is unusable for every later series too: stop here.
             print(f"error: {outdir}: cannot write ({err.strerror}); choose another -o folder", file=sys.stderr)
-            return EXIT_NOTHING_PROCESSED
+            break
         for warning in conversion.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(outdir / conversion.primary, flush=True)

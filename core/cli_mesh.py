@@ -86,41 +86,92 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or zips, pooled as one upload")
-    parser.add_argument("-o", "--output", required=True, type=_output_path, metavar="OUT",
-                        help="output file; the suffix sets the format: .stl (binary), .obj, .ply")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=_output_path,
+        metavar="OUT",
+        help="output file; the suffix sets the format: .stl (binary), .obj, .ply",
+    )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--lower", type=_lower, metavar="L",
-                      help="lower threshold in the scan's unit (HU for CT), inclusive; 'otsu' for Otsu's method")
-    what.add_argument("--label", type=_positive_int, metavar="N",
-                      help="mesh label N of a label map (the scan is a segmentation) instead of a threshold")
+    what.add_argument(
+        "--lower",
+        type=_lower,
+        metavar="L",
+        help="lower threshold in the scan's unit (HU for CT), inclusive; 'otsu' for Otsu's method",
+    )
+    what.add_argument(
+        "--label",
+        type=_positive_int,
+        metavar="N",
+        help="mesh label N of a label map (the scan is a segmentation) instead of a threshold",
+    )
     parser.add_argument("--upper", type=float, metavar="U", help="upper threshold, inclusive (default: none)")
-    parser.add_argument("--series", metavar="ID", help="series id to mesh (see `python -m core info`); default: the first")
-    parser.add_argument("--frame", type=_positive_int, default=0, metavar="T", help="time point of a 4D series (default 0)")
+    parser.add_argument(
+        "--series", metavar="ID", help="series id to mesh (see `python -m core info`); default: the first"
+    )
+    parser.add_argument(
+        "--frame", type=_positive_int, default=0, metavar="T", help="time point of a 4D series (default 0)"
+    )
     clean = parser.add_argument_group("clean-up (applied in this order)")
-    clean.add_argument("--closing-mm", type=_non_negative_float, default=0.0, metavar="R",
-                       help="morphological closing with a ball of R mm")
-    clean.add_argument("--drop-border", action="store_true",
-                       help="remove components touching the volume border (e.g. air around the patient)")
-    clean.add_argument("--min-island-ml", type=_non_negative_float, default=0.0, metavar="X",
-                       help="remove components smaller than X mL")
+    clean.add_argument(
+        "--closing-mm",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="R",
+        help="morphological closing with a ball of R mm",
+    )
+    clean.add_argument(
+        "--drop-border",
+        action="store_true",
+        help="remove components touching the volume border (e.g. air around the patient)",
+    )
+    clean.add_argument(
+        "--min-island-ml",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="X",
+        help="remove components smaller than X mL",
+    )
     clean.add_argument("--largest", action="store_true", help="keep only the largest connected component")
     clean.add_argument("--keep", type=_positive_int, default=0, metavar="N", help="keep the N largest components")
     clean.add_argument("--fill-holes", action="store_true", help="fill enclosed cavities (e.g. marrow)")
     surface = parser.add_argument_group("surface")
-    surface.add_argument("--downsample", type=_positive_int, default=1, metavar="N",
-                         help="use every N-th voxel along each axis first (very large volumes)")
-    surface.add_argument("--no-cap", action="store_true",
-                         help="leave the surface open where the mask meets the volume border")
-    surface.add_argument("--smooth", type=_positive_int, default=0, metavar="N",
-                         help="windowed-sinc smoothing with N iterations (volume-preserving; 10-20 is typical)")
-    surface.add_argument("--reduce", type=_positive_float, metavar="F",
-                         help="quadric decimation: keep this fraction of the triangles (0 < F <= 1), "
-                         "or decimate to F triangles when F > 1")
+    surface.add_argument(
+        "--downsample",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="use every N-th voxel along each axis first (very large volumes)",
+    )
+    surface.add_argument(
+        "--no-cap", action="store_true", help="leave the surface open where the mask meets the volume border"
+    )
+    surface.add_argument(
+        "--smooth",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="windowed-sinc smoothing with N iterations (volume-preserving; 10-20 is typical)",
+    )
+    surface.add_argument(
+        "--reduce",
+        type=_positive_float,
+        metavar="F",
+        help="quadric decimation: keep this fraction of the triangles (0 < F <= 1), "
+        "or decimate to F triangles when F > 1",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--ras", action="store_true", help="write RAS coordinates instead of LPS")
     output.add_argument("--ascii", action="store_true", help="ASCII instead of binary STL")
-    output.add_argument("--scale", type=_positive_float, default=1.0, metavar="S",
-                        help="multiply coordinates by S (e.g. 0.5 prints at half size); figures stay in mm")
+    output.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="multiply coordinates by S (e.g. 0.5 prints at half size); figures stay in mm",
+    )
     parser.set_defaults(run=run, mesh_parser=parser)
 
 
@@ -194,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
             scheme = guess_label_scheme(label_counts(values))
         except ValueError as err:
             raise UnsupportedFileError(
-                f"series {series.info.id} is not a label map ({err}); use --lower for a threshold", source=series.info.id
+                f"series {series.info.id} is not a label map ({err}); use --lower for a threshold",
+                source=series.info.id,
             ) from err
         request = MeshRequest(labels=(args.label,), label_scheme=scheme, **common)
         record["label"] = args.label

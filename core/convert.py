@@ -18,6 +18,8 @@ Output names follow dcm2niix (``<series number>_<description>``, sanitised, with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -26,7 +28,8 @@ import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from isal import isal_zlib
@@ -34,7 +37,7 @@ from pydicom.dataset import Dataset
 
 from core.dicom_export import export_dicom_series
 from core.errors import CoreError, SeriesGeometryError
-from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_bytes, nifti_storage
+from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_storage, write_nifti
 from core.qa import QAReport, SliceStack, report_from_stack, slice_stack
 from core.series import Problem, Series
 from core.volume import LPS_TO_RAS, Volume, reorient_to_ras
@@ -74,21 +77,50 @@ class ConvertOptions:
             raise ValueError(f"unknown output format {self.to!r}; choose one of {', '.join(FORMATS)}")
 
 
+Writer = Callable[[BinaryIO], None]
+
+
 @dataclass(frozen=True)
 class Conversion:
     """The files of one converted series.
 
-    ``outputs`` are ``(relative path, bytes)``; ``primary`` is the path a user asks
-    for (the image file, or the folder of a DICOM series).
+    ``writers`` are ``(relative path, write(stream))``: the image is encoded when it
+    is asked for, straight into a file (:meth:`write`, the CLI) or into memory
+    (:attr:`outputs`, the app), so a 150 MB volume is never held twice. ``primary``
+    is the path a user asks for (the image file, or the folder of a DICOM series).
+    The checks that refuse a conversion (geometry, DICOM read-back) have run when a
+    Conversion exists; encoding the image can still raise :class:`CoreError` for a
+    voxel type the format cannot hold.
     """
 
     series_id: str
     primary: str
-    outputs: tuple[tuple[str, bytes], ...]
+    writers: tuple[tuple[str, Writer], ...]
     warnings: tuple[str, ...]
     report: QAReport
     stem: str = ""  # base name of the outputs, with the _Tilt/_Eq suffix
     resampled: str = ""  # "", "Tilt", "Eq" or "Tilt_Eq"
+
+    @functools.cached_property
+    def outputs(self) -> tuple[tuple[str, bytes], ...]:
+        """``(relative path, bytes)`` of every file, encoded once."""
+        files = []
+        for name, write in self.writers:
+            buffer = io.BytesIO()
+            write(buffer)
+            files.append((name, buffer.getvalue()))
+        return tuple(files)
+
+    def write(self, folder: Path) -> list[Path]:
+        """Write every file under ``folder`` (created if needed), streaming the image."""
+        written = []
+        for name, write in self.writers:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as stream:
+                write(stream)
+            written.append(target)
+        return written
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +128,13 @@ class Conversion:
 
     def zip_bytes(self) -> bytes:
         return zip_outputs(self.outputs)
+
+
+def _constant(data: bytes) -> Writer:
+    def write(stream: BinaryIO) -> None:
+        stream.write(data)
+
+    return write
 
 
 @dataclass(frozen=True)
@@ -109,7 +148,11 @@ class Regularized:
 
 @dataclass
 class BatchResult:
-    """Every series of an upload converted into one zip."""
+    """Every series of an upload converted into one zip.
+
+    ``conversions`` describe what was converted (names, warnings, QA reports) and
+    carry no files: those are in ``data``.
+    """
 
     data: bytes
     conversions: list[Conversion] = field(default_factory=list)
@@ -227,7 +270,8 @@ def regularize(volume: Volume, stack: SliceStack, *, strict: bool = False, label
         dz = float(distances[-1]) / max(1, stack.n_slices - 1)
         z_out = distances  # slices stay where they are: only the tilt is removed
 
-    out = np.empty(out_plane + (len(z_out), flat.shape[-1]), dtype=np.float64 if _needs_float(flat) else flat.dtype)
+    # Same type as the input: integers are rounded back (as dcm2niix does), float32 stays float32.
+    out = np.empty(out_plane + (len(z_out), flat.shape[-1]), dtype=flat.dtype)
     cache: dict[int, np.ndarray] = {}
 
     def placed(s: int) -> np.ndarray:
@@ -251,7 +295,7 @@ def regularize(volume: Volume, stack: SliceStack, *, strict: bool = False, label
         else:
             out[:, :, k, :] = _cast((1 - weight) * placed(s) + weight * placed(s + 1), out.dtype)
 
-    result = _restore_dtype(out, flat.dtype).reshape(out_plane + (len(z_out),) + rest)
+    result = out.reshape(out_plane + (len(z_out),) + rest)
     row, column, normal = stack.row_direction, stack.column_direction, stack.normal
     affine = np.eye(4)
     affine[:3, 0] = row * spacing[0]
@@ -297,23 +341,11 @@ def regularize(volume: Volume, stack: SliceStack, *, strict: bool = False, label
     return Regularized(regular, suffix, tuple(warnings))
 
 
-def _needs_float(values: np.ndarray) -> bool:
-    return not np.issubdtype(values.dtype, np.integer)
-
-
 def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.round(values), info.min, info.max).astype(dtype)
     return values.astype(dtype, copy=False)
-
-
-def _restore_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if values.dtype == dtype:
-        return values
-    if np.issubdtype(dtype, np.floating):
-        return values.astype(dtype)
-    return _cast(values, dtype)
 
 
 def _place_slice(image: np.ndarray, shift: np.ndarray, plane: tuple[int, int], fill: float) -> np.ndarray:
@@ -571,7 +603,7 @@ def _kept_loader_warnings(series: Series, regularized: bool) -> list[str]:
     """The reader's warnings, minus its geometry notes once resampling has replaced them."""
     if not regularized:
         return list(series.info.warnings)
-    superseded = ("spacing varies", "gantry tilt", "missing")
+    superseded = ("slice spacing varies", "gantry tilt of")  # core.dicom_geometry's geometry warnings
     return [w for w in series.info.warnings if not any(word in w.lower() for word in superseded)]
 
 
@@ -619,13 +651,14 @@ def convert_series(
     base = (stem or output_stem(series)) + regular.suffix
     from_dicom = series.info.kind == "dicom"
     tr = repetition_time_s(series) if volume.n_frames > 1 else None
-    outputs: list[tuple[str, bytes]] = []
+    writers: list[tuple[str, Writer]] = []
     if options.to == "nifti":
         primary = base + (".nii.gz" if options.compress else ".nii")
-        outputs.append(
+        writers.append(
             (
                 primary,
-                nifti_bytes(
+                functools.partial(
+                    write_nifti,
                     volume,
                     compress=options.compress,
                     xform_code=XFORM_SCANNER if from_dicom else XFORM_ALIGNED,
@@ -640,9 +673,10 @@ def convert_series(
             if regular.suffix:
                 extra["TomoForgeResampled"] = regular.suffix.lstrip("_")
             sidecar = bids_sidecar(headers[0], extra=extra)
-            outputs.append((base + ".json", (json.dumps(sidecar, indent=2) + "\n").encode("utf-8")))
+            writers.append((base + ".json", _constant((json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))))
     elif options.to == "dicom":
         number = _series_number(series)
+        # Built and verified now: an export that does not read back is never offered.
         export = export_dicom_series(
             volume,
             series_description=(series.info.description or base)[:64],
@@ -651,17 +685,17 @@ def convert_series(
         )
         warnings.extend(export.warnings)
         primary = base
-        outputs.extend((f"{base}/{name}", data) for name, data in export.files)
+        writers.extend((f"{base}/{name}", _constant(data)) for name, data in export.files)
     elif options.to == "nrrd":
         primary = base + ".nrrd"
-        outputs.append((primary, nrrd_bytes(volume, repetition_time_s=tr)))
+        writers.append((primary, _constant(nrrd_bytes(volume, repetition_time_s=tr))))
     else:
         primary = base + ".mha"
-        outputs.append((primary, mha_bytes(volume, repetition_time_s=tr)))
+        writers.append((primary, _constant(mha_bytes(volume, repetition_time_s=tr))))
     return Conversion(
         series_id=series.info.id,
         primary=primary,
-        outputs=tuple(outputs),
+        writers=tuple(writers),
         warnings=tuple(warnings),
         report=report,
         stem=base,
@@ -709,8 +743,10 @@ def convert_batch(
         except CoreError as err:
             result.problems.append(Problem(source=series.info.id, message=err.message))
             continue
-        result.conversions.append(conversion)
         members.extend(conversion.outputs)
+        # Keep names, warnings and QA only: the files are in the zip, and the writers
+        # would keep every decoded volume of the upload alive.
+        result.conversions.append(dataclasses.replace(conversion, writers=()))
         report = json.dumps(conversion.report.to_json(), indent=2).encode("utf-8")
         members.append((f"qa/{stem}_qa.json", report))
     if progress is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,8 +28,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from core.errors import UnsupportedFileError
-from core.sources import Source
+from core.errors import LimitError, UnsupportedFileError
+from core.sources import DEFAULT_LIMITS, Limits, Source
 
 # Exceptions pydicom raises on damaged or hostile files (truncated elements, bad
 # lengths, nested sequences 100k deep, undecodable strings). They become a Problem
@@ -60,13 +61,16 @@ def has_preamble(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_header(source: Source) -> Dataset:
+def read_header(source: Source, limits: Limits = DEFAULT_LIMITS) -> Dataset:
     """Parse a file's header without its pixel data.
 
     Parameters
     ----------
     source : Source
         Part-10 bytes, or a bare dataset without preamble (old ACR-NEMA style files).
+    limits : Limits
+        A deflated file is inflated (and discarded) under these caps before pydicom
+        reads it (see :func:`check_deflated_size`).
 
     Returns
     -------
@@ -78,7 +82,10 @@ def read_header(source: Source) -> Dataset:
     ------
     UnsupportedFileError
         Not DICOM, or damaged.
+    LimitError
+        A deflated dataset that inflates beyond the caps.
     """
+    check_deflated_size(source, limits)
     try:
         return pydicom.dcmread(
             io.BytesIO(source.data),
@@ -92,6 +99,81 @@ def read_header(source: Source) -> Dataset:
             "The file is damaged or not DICOM; export it again from the scanner or PACS.",
             source=source.name,
         ) from err
+
+
+# VRs whose explicit-VR length field has 4 bytes (PS3.5 Table 7.1-1).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_DEFLATED_DATASET = "1.2.840.10008.1.2.1.99"
+_INFLATE_CHUNK = 1024**2
+
+
+def _meta_transfer_syntax(data: bytes) -> tuple[str, int] | None:
+    """The file meta's transfer syntax and where the dataset starts, or None when the meta cannot be walked.
+
+    Walks the group 0002 elements (always explicit VR little endian, PS3.10 7.1)
+    without pydicom, so nothing is inflated yet.
+    """
+    pos, uid = 132, ""
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return uid, pos
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                return None
+            length, head = struct.unpack_from("<I", data, pos + 8)[0], 12
+        else:
+            length, head = struct.unpack_from("<H", data, pos + 6)[0], 8
+        if element == 0x0010:
+            uid = data[pos + head : pos + head + length].decode("ascii", "replace").strip("\x00 ")
+        pos += head + length
+    return None
+
+
+def check_deflated_size(source: Source, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates beyond the caps.
+
+    pydicom inflates the whole dataset, pixels included, in one ``zlib.decompress``
+    call with no limit, even when asked to stop before the pixels: a 64 kB file can
+    become gigabytes. The stream is inflated here first, in bounded chunks that are
+    counted and dropped, and refused past ``max_compression_ratio`` times the file's
+    size (at least 1 MB) or ``max_total_bytes``, like a zip member.
+
+    Raises
+    ------
+    LimitError
+        The dataset inflates beyond the cap (a decompression bomb).
+    """
+    data = source.data
+    if not has_preamble(data):
+        return
+    found = _meta_transfer_syntax(data)
+    if found is None or found[0] != _DEFLATED_DATASET:
+        return
+    cap = int(min(limits.max_total_bytes, max(len(data) * limits.max_compression_ratio, 1024**2)))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)[found[1] :]
+    total = 0
+    try:
+        for start in range(0, len(view), _INFLATE_CHUNK):
+            piece = inflater.decompress(view[start : start + _INFLATE_CHUNK], _INFLATE_CHUNK)
+            while True:
+                total += len(piece)
+                if total > cap:
+                    raise LimitError(
+                        f"{source.name}: the deflated DICOM dataset inflates to more than {cap:,} bytes, over "
+                        f"{limits.max_compression_ratio:.0f} times the file's {len(data):,} bytes (a decompression "
+                        "bomb?). Save the file with an uncompressed transfer syntax and upload it again.",
+                        source=source.name,
+                    )
+                if not inflater.unconsumed_tail:
+                    break
+                piece = inflater.decompress(inflater.unconsumed_tail, _INFLATE_CHUNK)
+            if inflater.eof:
+                break
+    except zlib.error:
+        return  # damaged stream: pydicom's own reading reports it
 
 
 def transfer_syntax(ds: Dataset) -> UID:
@@ -179,7 +261,11 @@ def floats(ds: Dataset, keyword: str, count: int | None = None) -> list[float] |
     try:
         numbers = [float(v) for v in items]
     except (TypeError, ValueError) as err:
-        raise UnsupportedFileError(f"{ds[keyword].name} {items!r} is not numeric") from err
+        # The text itself is not repeated: it may be patient data or markup.
+        raise UnsupportedFileError(
+            f"({ds[keyword].tag.group:04X},{ds[keyword].tag.element:04X}) {ds[keyword].name} holds "
+            f"{len(items)} value(s) that are not numbers; the header is damaged."
+        ) from err
     if count is not None and len(numbers) != count:
         raise UnsupportedFileError(f"{ds[keyword].name} has {len(numbers)} values, expected {count}: {numbers}")
     if not all(math.isfinite(v) for v in numbers):

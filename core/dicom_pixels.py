@@ -339,10 +339,24 @@ def store_frame(
         np.copyto(dst, pixels, casting="unsafe")
 
 
-def to_rgb8(pixels: np.ndarray, ds: Dataset, fmt: PixelFormat) -> np.ndarray:
-    """Colour pixels as uint8 RGB: palette lookup, and 16-bit colour scaled to 8 bits."""
+def to_rgb8(pixels: np.ndarray, ds: Dataset, fmt: PixelFormat, *, name: str = "") -> np.ndarray:
+    """Colour pixels as uint8 RGB: palette lookup, and 16-bit colour scaled to 8 bits.
+
+    Raises
+    ------
+    UnsupportedFileError
+        The palette tables do not match their descriptors.
+    """
     if fmt.photometric == "PALETTE COLOR":
-        pixels = dicom_pixels.apply_color_lut(pixels, ds)
+        try:
+            pixels = dicom_pixels.apply_color_lut(pixels, ds)
+        except _DECODE_ERRORS as err:
+            # e.g. a descriptor of 256 entries over 3 entries of data (pydicom then asks numpy for "uint0").
+            raise UnsupportedFileError(
+                f"{name or 'file'}: the (0028,1101)-(0028,1203) Palette Color Lookup Tables do not match their "
+                f"descriptors ({type(err).__name__}). The file is damaged; export it again.",
+                source=name,
+            ) from err
     if pixels.dtype == np.uint8:
         return pixels
     # Palette tables hold 16-bit entries; direct colour keeps BitsStored significant bits.

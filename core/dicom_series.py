@@ -252,7 +252,7 @@ def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -
             )
             continue
         try:
-            ds = read_header(source)
+            ds = read_header(source, limits)
             reason = skip_reason(ds, source.data)
             if reason:
                 result.skipped.append(Skipped(source.name, reason))
@@ -832,7 +832,7 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
         for number, pixels, full in decoded:
             key: int | None = None if indices is None else number
             if is_rgb:
-                pixels = to_rgb8(pixels, full, item.fmt)
+                pixels = to_rgb8(pixels, full, item.fmt, name=item.name)
             elif has_lut:
                 pixels = _modality_lut(pixels, full, item.name)
             for t, k, frame in by_frame[key]:

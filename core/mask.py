@@ -212,9 +212,10 @@ class Mask:
         for axis in range(3):
             if self.offset[axis] == 0 and np.take(self.array, 0, axis=axis).any():
                 return True
-            if self.offset[axis] + self.array.shape[axis] == self.grid_shape[axis] and np.take(
-                self.array, -1, axis=axis
-            ).any():
+            if (
+                self.offset[axis] + self.array.shape[axis] == self.grid_shape[axis]
+                and np.take(self.array, -1, axis=axis).any()
+            ):
                 return True
         return False
 
@@ -282,7 +283,12 @@ def _refit(mask: Mask, array: np.ndarray, origin: Sequence[int]) -> Mask:
         return _empty_mask(mask.grid_shape, mask.affine, mask.threshold, cleaned=True)
     start = tuple(int(o) + s.start for o, s in zip(origin, box, strict=True))
     return Mask(
-        np.ascontiguousarray(array[box]), start, mask.grid_shape, mask.affine, mask.threshold, cleaned=True  # type: ignore[arg-type]
+        np.ascontiguousarray(array[box]),
+        start,
+        mask.grid_shape,
+        mask.affine,
+        mask.threshold,
+        cleaned=True,  # type: ignore[arg-type]
     )
 
 
@@ -331,6 +337,8 @@ def threshold_mask(volume_array: np.ndarray, affine: np.ndarray, lower: float, u
         ``upper < lower`` or NaN bounds.
     """
     array = np.asarray(volume_array)
+    if array.dtype == bool:
+        array = array.view(np.uint8)  # a binary volume: compare as 0/1
     if array.ndim != 3:
         raise ValueError(f"threshold_mask needs a 3D array, got shape {array.shape}")
     if math.isnan(lower) or (upper is not None and math.isnan(upper)):
@@ -363,9 +371,7 @@ def threshold_mask(volume_array: np.ndarray, affine: np.ndarray, lower: float, u
         any_k |= slab.any(axis=(0, 1))
     if not any_i.any():
         return _empty_mask(array.shape, affine, (lower, upper))
-    box = tuple(
-        slice(int(np.flatnonzero(hit)[0]), int(np.flatnonzero(hit)[-1]) + 1) for hit in (any_i, any_j, any_k)
-    )
+    box = tuple(slice(int(np.flatnonzero(hit)[0]), int(np.flatnonzero(hit)[-1]) + 1) for hit in (any_i, any_j, any_k))
     # Pass 2: the box only.
     crop = compare(array[box], np.empty(tuple(s.stop - s.start for s in box), dtype=bool))
     return Mask(crop, tuple(s.start for s in box), array.shape, affine, (lower, upper))  # type: ignore[arg-type]
@@ -501,7 +507,9 @@ def clean_mask(mask: Mask, cleanup: MaskCleanup) -> Mask:
         result = crop_mask(result, cleanup.crop_box)
     if cleanup.closing_mm > 0 and not result.is_empty:
         result = close_mask(result, cleanup.closing_mm)
-    if (cleanup.drop_border_components or cleanup.min_island_ml > 0 or cleanup.keep_largest > 0) and not result.is_empty:
+    if (
+        cleanup.drop_border_components or cleanup.min_island_ml > 0 or cleanup.keep_largest > 0
+    ) and not result.is_empty:
         result = select_components(
             result,
             keep_largest=cleanup.keep_largest,
@@ -547,6 +555,8 @@ def close_mask(mask: Mask, radius_mm: float) -> Mask:
     """
     spacing = np.asarray(mask.spacing_mm)
     margin = np.ceil(radius_mm / spacing).astype(int) + 1
+    padded_voxels = int(np.prod(np.asarray(mask.array.shape) + 2 * margin))
+    check_mask_memory(padded_voxels, 2 + 8 + 4, f"closing with {radius_mm:g} mm")  # bools + EDT float64 + indices
     padded = np.pad(mask.array, [(m, m) for m in margin], constant_values=False)
     # dilation: within radius of the mask; erosion of that: farther than radius from its outside.
     dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
@@ -570,6 +580,7 @@ def select_components(
     drop_border : bool
         Drop components touching a face of the volume grid.
     """
+    check_mask_memory(mask.array.size, 4 + 1, "labelling connected components")  # int32 labels + selection
     labels, count = ndimage.label(mask.array, structure=_FACE_CONNECTIVITY)
     if count == 0:
         return _empty_mask(mask.grid_shape, mask.affine, mask.threshold, cleaned=True)
@@ -648,19 +659,14 @@ LABEL_SCHEMES: dict[str, dict[int, str]] = {
     "TotalSegmentator (task total, v2)": TOTALSEGMENTATOR_TOTAL,
 }
 
-# Distinct, print-friendly colours (Tableau 20 without the greys); label n gets entry n mod 20.
-_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232),
-    (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
-    (247, 182, 210), (219, 219, 141), (158, 218, 229), (57, 59, 121), (99, 121, 57),
-)  # fmt: skip
 BONE_COLOR: tuple[int, int, int] = (241, 214, 145)  # 3D Slicer's "bone" colour
 
 
 def label_color(label: int) -> tuple[int, int, int]:
-    """A stable RGB colour (0-255) for a label id."""
-    return _PALETTE[int(label) % len(_PALETTE)]
+    """The RGB colour (0-255) of a label: the same as the slice overlays (core.render.label_colors)."""
+    from core.render import label_colors  # display module; imported only when colours are asked for
+
+    return label_colors([int(label)]).get(int(label), BONE_COLOR)
 
 
 def label_name(label: int, scheme: str = "numbers") -> str:
@@ -763,7 +769,7 @@ def label_masks(volume_array: np.ndarray, affine: np.ndarray, labels: Sequence[i
 
 
 # --------------------------------------------------------------------------------------
-# Warnings and overlays
+# Warnings and memory
 # --------------------------------------------------------------------------------------
 
 # Air-to-skin partial-volume range on CT: a lower threshold here puts the surface on the skin.
@@ -794,34 +800,6 @@ def face_warning(modality: str, mask: Mask, lower: float | None) -> str | None:
         "mask reaches the front of the volume. A face can identify the patient; crop it away (crop box, "
         "j axis) before sharing the file."
     )
-
-
-def overlay_plane(values: np.ndarray, mask_plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """An axial slice with the mask in red, in radiological display orientation.
-
-    Parameters
-    ----------
-    values : (I, J) ndarray
-        One k-plane of a RAS-reoriented volume.
-    mask_plane : (I, J) bool ndarray
-    window : (low, high)
-        Values mapped to black and white.
-
-    Returns
-    -------
-    (J, I, 3) uint8 ndarray
-        Rows run anterior (top) to posterior, columns patient right (left of the image)
-        to patient left, the radiological convention.
-    """
-    low, high = float(window[0]), float(window[1])
-    scale = 255.0 / max(high - low, 1e-12)
-    grey = np.clip((np.asarray(values, dtype=np.float32) - low) * scale, 0, 255)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    red = np.asarray(mask_plane, dtype=bool)
-    rgb[red] = rgb[red] * 0.45 + np.array([255.0, 40.0, 40.0]) * 0.55
-    # i grows to the patient's right -> image columns must run from high i to low i;
-    # j grows anterior -> the top row is the highest j.
-    return np.ascontiguousarray(rgb.astype(np.uint8).transpose(1, 0, 2)[::-1, ::-1])
 
 
 def check_mask_memory(n_voxels: int, bytes_per_voxel: float, what: str) -> None:
@@ -881,7 +859,6 @@ __all__ = [
     "label_name",
     "mask_from_full",
     "otsu_threshold",
-    "overlay_plane",
     "preset_by_name",
     "select_components",
     "threshold_mask",

@@ -297,6 +297,8 @@ def _surface_field(
 
     assert mask.threshold is not None
     values = np.asarray(intensities)[tuple(region)]
+    if values.dtype == bool:
+        values = values.view(np.uint8)
     lower, upper = integer_bounds(values.dtype, *mask.threshold)
     is_integer = np.issubdtype(values.dtype, np.integer)
     level_low = lower - 0.5 if is_integer else lower
@@ -328,6 +330,10 @@ def _surface_field(
     if dtype.kind in "iu":
         inside_value, outside_value = math.ceil(inside_value), math.floor(outside_value)
 
+    if not is_integer:
+        # NaN/inf voxels (outside a reconstruction's field of view) are outside, never a crossing.
+        core = field[inner]
+        core[~np.isfinite(core)] = outside_value
     if mask.cleaned:
         core = field[inner]
         selected = np.zeros(core.shape, dtype=bool)
@@ -381,8 +387,6 @@ def _fill_caps(
             field[tuple(target)] = outside_value
             face_slices[axis] = slice(pad_index, pad_index + 1)
             field[tuple(face_slices)] = mirrored.astype(dtype)
-    # Pad cells on edges/corners of the box were written per face above; any untouched
-    # pad voxel must still be outside, which the per-face fill guarantees.
 
 
 def _init_smp() -> None:
@@ -518,7 +522,9 @@ def label_surfaces(
         if cleanup is not None:
             mask = clean_mask(mask, cleanup)
         meshes.append(
-            mask_to_surface(mask, cap_borders=cap_borders, name=label_name(value, scheme), color=label_color(value), limits=limits)
+            mask_to_surface(
+                mask, cap_borders=cap_borders, name=label_name(value, scheme), color=label_color(value), limits=limits
+            )
         )
     return meshes
 
@@ -1093,8 +1099,7 @@ def build_meshes(volume: Volume, request: MeshRequest, *, limits: MeshLimits = D
         lap("smoothing")
     if request.keep_fraction is not None or request.target_triangles is not None:
         meshes = [
-            decimate_mesh(m, fraction=request.keep_fraction, target_triangles=request.target_triangles)
-            for m in meshes
+            decimate_mesh(m, fraction=request.keep_fraction, target_triangles=request.target_triangles) for m in meshes
         ]
         lap("decimation")
     figures = [mesh_figures(m) for m in meshes]

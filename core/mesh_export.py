@@ -76,9 +76,7 @@ def _header_text(space: str, scale: float) -> str:
     return f"TomoForge surface SPACE={space.upper()} units {unit}"
 
 
-def write_mesh(
-    mesh: Mesh, out: BinaryIO, fmt: str = "stl", *, space: str = "LPS", scale: float = 1.0
-) -> None:
+def write_mesh(mesh: Mesh, out: BinaryIO, fmt: str = "stl", *, space: str = "LPS", scale: float = 1.0) -> None:
     """Write a mesh to a binary file object.
 
     Parameters
@@ -174,7 +172,7 @@ def _write_stl_binary(vertices: np.ndarray, faces: np.ndarray, out: BinaryIO, he
         triangles = vertices[f]
         block["vertices"] = triangles
         block["normal"] = _triangle_normals(triangles)
-        out.write(memoryview(block.view(np.uint8)))
+        out.write(block.view(np.uint8).data)
 
 
 def _write_stl_ascii(vertices: np.ndarray, faces: np.ndarray, out: BinaryIO, name: str, header: str) -> None:

@@ -43,7 +43,7 @@ from PIL import Image
 try:  # optional: Intel ISA-L deflate, in requirements.txt for .nii.gz export
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - plain zlib is only slower
-    _isal_zlib = None
+    _isal_zlib = None  # type: ignore[assignment]
 
 from core.errors import CoreError
 from core.series import Window
@@ -410,9 +410,7 @@ def _native_raw(array3: np.ndarray, geometry: ViewGeometry, index: int, slab: Sl
     return _to_screen(projected, geometry)
 
 
-def _window_gray_or_color(
-    volume: Volume, raw: np.ndarray, window: Window, invert: bool, colormap: str
-) -> np.ndarray:
+def _window_gray_or_color(volume: Volume, raw: np.ndarray, window: Window, invert: bool, colormap: str) -> np.ndarray:
     """Window native raw values to uint8 (rows, cols) grey or (rows, cols, 3) colour, contiguous."""
     if is_lut_dtype(raw.dtype):
         table = display_lut(raw.dtype, window, invert=invert, colormap=colormap)
@@ -541,6 +539,8 @@ def render_view(
     index = _check_index(geometry, index)
     array3 = _frame_array(volume, frame)
     raw = _native_raw(array3, geometry, index, slab, volume.is_rgb)
+    if any(isinstance(o, ThresholdOverlay) for o in overlays):
+        raw = np.ascontiguousarray(raw)  # gathered once, read by the window and each mask
     flip = bool(invert) != bool(volume.display_inverted)
     if volume.is_rgb:
         image = _rgb_display(raw, window, flip)
@@ -669,7 +669,7 @@ def _blend_labels(image: np.ndarray, labels: np.ndarray, overlay: LabelOverlay) 
         return image
     colors = dict(label_colors(present))
     if overlay.colors:
-        colors.update({int(k): tuple(v) for k, v in overlay.colors.items()})
+        colors.update({int(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in overlay.colors.items()})
     alpha = float(np.clip(overlay.opacity, 0.0, 1.0))
     out = image.astype(np.float32)
     painted = np.zeros(labels.shape + (3,), dtype=np.float32)

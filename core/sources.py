@@ -100,7 +100,38 @@ def _check_total(total: int, limits: Limits) -> None:
         )
 
 
+def _declared_member_count(data: bytes) -> int | None:
+    """The number of members the zip's end-of-central-directory record declares, or None if not found.
+
+    Read from the last bytes only, before :class:`zipfile.ZipFile` builds one
+    ``ZipInfo`` per member (about 500 bytes each: a 1 GB upload can declare 20
+    million members).
+    """
+    tail_start = max(0, len(data) - (22 + 65535))  # the record is 22 bytes plus a comment of at most 64 kB
+    end = data.rfind(b"PK\x05\x06", tail_start)
+    if end < 0 or end + 22 > len(data):
+        return None
+    count = int.from_bytes(data[end + 10 : end + 12], "little")
+    if count != 0xFFFF:
+        return count
+    # Zip64: the locator just before the record points at the zip64 end record.
+    locator = end - 20
+    if locator < 0 or data[locator : locator + 4] != b"PK\x06\x07":
+        return None
+    record = int.from_bytes(data[locator + 8 : locator + 16], "little")
+    if data[record : record + 4] != b"PK\x06\x06":
+        return None
+    return int.from_bytes(data[record + 32 : record + 40], "little")
+
+
 def _zip_members(source: Source, limits: Limits) -> list[Source]:
+    declared = _declared_member_count(source.data)
+    if declared is not None and declared > limits.max_archive_members:
+        raise LimitError(
+            f"{source.name}: {declared} members, more than the cap of {limits.max_archive_members}. "
+            "Split the archive by series.",
+            source=source.name,
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(source.data))
         infos = archive.infolist()

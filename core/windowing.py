@@ -259,7 +259,18 @@ def _gray_lut(dtype_str: str, center: float, width: float, invert: bool) -> np.n
 
 
 # Colormap control points (position 0..1, RGB 0..255), interpolated linearly to 256 entries.
-_VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"]
+_VIRIDIS = [
+    "#440154",
+    "#482878",
+    "#3e4989",
+    "#31688e",
+    "#26828e",
+    "#1f9e89",
+    "#35b779",
+    "#6ece58",
+    "#b5de2b",
+    "#fde725",
+]
 
 
 def _hex_points(colors: list[str]) -> list[tuple[float, tuple[int, int, int]]]:

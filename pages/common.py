@@ -2,22 +2,32 @@
 
 Everything lives in ``st.session_state`` (one per browser session); no module
 global holds user data, so one user's scan can never reach another.
+
+Pixels are decoded in a worker process (:mod:`core.worker`) with memory, CPU and
+time limits: a file that crashes a decoding library ends that worker, not the
+server, and the user sees an error message.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import streamlit as st
 
 from core.errors import CoreError
 from core.series import ScanResult, Series
+from core.sources import Source
 from core.volume import Volume
+from core.worker import load_series_in_worker, sources_for_series
 
 SCAN = "scan"  # ScanResult of the current upload (or the sample)
 CURRENT = "current_id"  # id of the series every page works on
 VOLUMES = "volumes"  # {series id: Volume}, only the current one is kept
 UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
+SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
+# Widget keys of the Open page's uploaders (pages/upload.py).
+UPLOADER_KEYS = ("upload_files", "upload_folder")
 
 
 def init_state() -> None:
@@ -25,13 +35,34 @@ def init_state() -> None:
     st.session_state.setdefault(CURRENT, None)
     st.session_state.setdefault(VOLUMES, {})
     st.session_state.setdefault(UPLOAD_KEY, None)
+    st.session_state.setdefault(SOURCES, None)
 
 
-def set_scan(result: ScanResult, upload_key: str) -> None:
+def set_scan(result: ScanResult, upload_key: str, sources: Sequence[Source] | None = None) -> None:
+    """Make ``result`` the session's current scan.
+
+    Parameters
+    ----------
+    result : ScanResult
+    upload_key : str
+        Identity of the upload ("upload:<file ids>", or "sample").
+    sources : sequence of Source, optional
+        The files the scan read; series are decoded from them in a worker process.
+        When omitted for an upload, they are taken from the Open page's uploaders
+        (``UploadedFile.getvalue()`` shares the uploaded bytes, no copy).
+    """
+    if sources is None and upload_key.startswith("upload:"):
+        sources = _uploaded_sources()
     st.session_state[SCAN] = result
     st.session_state[UPLOAD_KEY] = upload_key
+    st.session_state[SOURCES] = list(sources) if sources else None
     st.session_state[VOLUMES] = {}
     st.session_state[CURRENT] = result.series[0].info.id if result.series else None
+
+
+def _uploaded_sources() -> list[Source] | None:
+    files = [f for key in UPLOADER_KEYS for f in (st.session_state.get(key) or [])]
+    return [Source(name=f.name, data=f.getvalue()) for f in files] or None
 
 
 def current_scan() -> ScanResult | None:
@@ -59,13 +90,23 @@ def current_volume() -> Volume | None:
     if key not in volumes:
         try:
             with st.spinner(f"Decoding {series.info.description or 'series'}..."):
-                volume = series.load()
+                volume = _decode(series)
         except CoreError as err:
             show_error(err.message)
             return None
         volumes.clear()  # keep one decoded volume per session: they can be GBs
         volumes[key] = volume
     return volumes[key]
+
+
+def _decode(series: Series) -> Volume:
+    """Load a series in a worker process when its files are known (uploads), else here (the sample)."""
+    sources: list[Source] | None = st.session_state.get(SOURCES)
+    if not sources or series.info.kind == "sample":
+        return series.load()
+    return load_series_in_worker(
+        sources_for_series(sources, series.info.sources), series.info.id, expected_sources=series.info.sources
+    )
 
 
 def require_volume() -> tuple[Series, Volume]:

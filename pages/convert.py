@@ -131,6 +131,7 @@ if st.button("Convert", type="primary", icon=":material/swap_horiz:"):
     try:
         with st.spinner("Converting..."):
             conversion = convert_series(series, options, volume=volume, stem=stem)
+            conversion.outputs  # encode now, inside the error handling  # noqa: B018
         st.session_state[RESULT] = {"key": key, "conversion": conversion}
     except CoreError as err:
         st.session_state.pop(RESULT, None)

@@ -13,6 +13,7 @@ selectbox key ``"mesh_preset"``; number inputs keys ``"mesh_lower"`` and
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,9 @@ st.caption(
     "scanner millimetres: STL, OBJ or PLY, in LPS (what 3D Slicer assumes) or RAS."
 )
 if volume.is_rgb:
-    show_error(f"{info.description or info.id} is an RGB colour image; meshing needs a scalar volume (CT, MR or a label map).")
+    show_error(
+        f"{info.description or info.id} is an RGB colour image; meshing needs a scalar volume (CT, MR or a label map)."
+    )
     st.stop()
 
 frame = 0
@@ -81,6 +84,11 @@ def _set_preset() -> None:
         st.session_state["mesh_drop_border"] = preset.drop_border_components
 
 
+def _to_custom() -> None:
+    # Edited by hand: the preset's name and source no longer describe the values.
+    st.session_state["mesh_preset"] = CUSTOM
+
+
 modes = ["Threshold", "Label map"]
 st.session_state.setdefault("mesh_mode", "Label map" if is_label_map(volume) else "Threshold")
 mode = st.radio("Build from", modes, horizontal=True, key="mesh_mode")
@@ -100,15 +108,21 @@ with settings:
         if preset_name not in (OTSU, CUSTOM):
             st.caption(f"Source: {plain(preset_by_name(preset_name).source)}")
         elif preset_name == OTSU:
-            st.caption("Otsu's method on the histogram (skimage.filters.threshold_otsu); on CT it separates air from the body.")
+            st.caption(
+                "Otsu's method on the histogram (skimage.filters.threshold_otsu); on CT it separates air from the body."
+            )
         low_col, high_col = st.columns(2)
         with low_col:
-            lower = st.number_input(f"Lower threshold ({unit})", key="mesh_lower", step=10.0, format="%g")
+            lower = st.number_input(
+                f"Lower threshold ({unit})", key="mesh_lower", step=10.0, format="%g", on_change=_to_custom
+            )
         with high_col:
             use_upper = st.checkbox("Upper bound", key="mesh_use_upper")
             if use_upper:
                 st.session_state.setdefault("mesh_upper", float(lower) + 1000.0)
-                upper = st.number_input(f"Upper threshold ({unit})", key="mesh_upper", step=10.0, format="%g")
+                upper = st.number_input(
+                    f"Upper threshold ({unit})", key="mesh_upper", step=10.0, format="%g", on_change=_to_custom
+                )
         if upper is not None and upper < lower:
             show_error(f"The upper threshold {upper:g} is below the lower threshold {lower:g}.")
             st.stop()
@@ -127,7 +141,10 @@ with settings:
             st.stop()
         schemes = list(LABEL_SCHEMES)
         scheme = st.selectbox(
-            "Label names", schemes, index=schemes.index(guess_label_scheme(counts)), key="mesh_scheme",
+            "Label names",
+            schemes,
+            index=schemes.index(guess_label_scheme(counts)),
+            key="mesh_scheme",
             help="TotalSegmentator ids (task total, v2) or plain numbers.",
         )
         by_size = sorted(counts, key=counts.__getitem__, reverse=True)
@@ -143,36 +160,70 @@ with settings:
         chosen_labels = tuple(int(v) for v in chosen)
 
     with st.expander("Clean-up", expanded=mode == "Threshold"):
-        keep = st.number_input("Keep the N largest components (0 = all)", 0, 1000, 0, key="mesh_keep",
-                               help="Components are 6-connected (voxels sharing a face), as the surface sees them.")
+        keep = st.number_input(
+            "Keep the N largest components (0 = all)",
+            0,
+            1000,
+            0,
+            key="mesh_keep",
+            help="Components are 6-connected (voxels sharing a face), as the surface sees them.",
+        )
         islands = st.number_input("Remove islands smaller than (mL)", 0.0, 10000.0, 0.0, step=0.1, key="mesh_islands")
         fill = st.checkbox("Fill enclosed cavities", key="mesh_fill", help="e.g. the marrow inside a bone")
-        closing = st.number_input("Closing radius (mm)", 0.0, 50.0, 0.0, step=0.5, key="mesh_closing",
-                                  help="Bridges gaps up to about twice the radius; round in mm on anisotropic voxels.")
-        drop_border = st.checkbox("Drop components touching the volume border", key="mesh_drop_border",
-                                  help="Removes the air around the patient (lung preset).")
+        closing = st.number_input(
+            "Closing radius (mm)",
+            0.0,
+            50.0,
+            0.0,
+            step=0.5,
+            key="mesh_closing",
+            help="Bridges gaps up to about twice the radius; round in mm on anisotropic voxels.",
+        )
+        drop_border = st.checkbox(
+            "Drop components touching the volume border",
+            key="mesh_drop_border",
+            help="Removes the air around the patient (lung preset).",
+        )
         use_crop = st.checkbox("Crop box", key="mesh_use_crop")
-        crop = None
+        crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
         if use_crop:
-            ranges = []
+            ranges: list[tuple[int, int]] = []
             # After RAS reorientation i grows to the patient's right, j anterior, k superior.
-            for axis, (name, direction) in enumerate((("i", "left → right"), ("j", "posterior → anterior"), ("k", "inferior → superior"))):
+            for axis, (name, direction) in enumerate(
+                (("i", "left → right"), ("j", "posterior → anterior"), ("k", "inferior → superior"))
+            ):
                 size = volume.spatial_shape[axis]
                 span = st.slider(f"{name} range (voxels, {direction})", 0, size, (0, size), key=f"mesh_crop_{name}")
                 ranges.append((int(span[0]), int(span[1])))
-            crop = tuple(ranges)
+            crop = (ranges[0], ranges[1], ranges[2])
     with st.expander("Surface"):
-        smooth = st.slider("Smoothing iterations (windowed sinc, volume-preserving; 0 = off)", 0, 50, 0, key="mesh_smooth")
-        decimate = st.radio("Decimation", ["Off", "Keep a fraction", "Target triangles"], horizontal=True, key="mesh_decimate")
+        smooth = st.slider(
+            "Smoothing iterations (windowed sinc, volume-preserving; 0 = off)", 0, 50, 0, key="mesh_smooth"
+        )
+        decimate = st.radio(
+            "Decimation", ["Off", "Keep a fraction", "Target triangles"], horizontal=True, key="mesh_decimate"
+        )
         fraction = target = None
         if decimate == "Keep a fraction":
             fraction = st.slider("Fraction of triangles to keep", 0.01, 1.0, 0.25, key="mesh_fraction")
         elif decimate == "Target triangles":
-            target = int(st.number_input("Triangles per mesh", 1000, 50_000_000, 200_000, step=10_000, key="mesh_target"))
-        downsample_factor = st.number_input("Downsample (use every n-th voxel)", 1, 8, 1, key="mesh_downsample",
-                                            help="For very large volumes; 2 makes ~4x fewer triangles.")
-        cap = st.checkbox("Close the surface at the volume border", True, key="mesh_cap",
-                          help="A cut-off bone becomes a closed, printable solid.")
+            target = int(
+                st.number_input("Triangles per mesh", 1000, 50_000_000, 200_000, step=10_000, key="mesh_target")
+            )
+        downsample_factor = st.number_input(
+            "Downsample (use every n-th voxel)",
+            1,
+            8,
+            1,
+            key="mesh_downsample",
+            help="For very large volumes; 2 makes ~4x fewer triangles.",
+        )
+        cap = st.checkbox(
+            "Close the surface at the volume border",
+            True,
+            key="mesh_cap",
+            help="A cut-off bone becomes a closed, printable solid.",
+        )
 
 with view:
     k_max = volume.spatial_shape[2] - 1
@@ -180,9 +231,14 @@ with view:
     window = default_window(volume)
     try:
         if mode == "Threshold":
+            assert lower is not None
             overlay = ThresholdOverlay(float(lower), float(upper) if upper is not None else float("inf"))
             image = render_view(volume, "axial", k, window, frame=frame, overlays=[overlay])
-            st.image(image, caption=f"Red: {lower:g} ≤ value{'' if upper is None else f' ≤ {upper:g}'} (before clean-up)", width="stretch")
+            st.image(
+                image,
+                caption=f"Red: {lower:g} ≤ value{'' if upper is None else f' ≤ {upper:g}'} (before clean-up)",
+                width="stretch",
+            )
         else:
             image = render_view(volume, "axial", k, window, frame=frame, overlays=[LabelOverlay(volume, 0.5)])
             st.image(image, caption="Labels", width="stretch")
@@ -219,9 +275,9 @@ if mode == "Label map" and not chosen_labels:
 if st.button("Build mesh", type="primary", icon=":material/deployed_code:"):
     try:
         with st.spinner("Building the surface..."):
-            result = build_meshes(volume, request)
-            preview = preview_figure(preview_meshes(result.meshes, DEFAULT_MESH_LIMITS.preview_triangles))
-        st.session_state[RESULT] = {"key": token, "result": result, "preview": preview}
+            built = build_meshes(volume, request)
+            preview = preview_figure(preview_meshes(built.meshes, DEFAULT_MESH_LIMITS.preview_triangles))
+        st.session_state[RESULT] = {"key": token, "result": built, "preview": preview}
     except CoreError as err:
         st.session_state.pop(RESULT, None)
         show_error(err.message)
@@ -236,7 +292,7 @@ result: MeshResult = stored["result"]
 for warning in result.warnings:
     show_warning(warning)
 
-rows = []
+rows: list[dict[str, Any]] = []
 for mesh, fig in zip(result.meshes, result.figures, strict=True):
     low, high = fig.bounds_in("LPS")
     rows.append(
@@ -267,7 +323,10 @@ st.caption(" · ".join(f"{step} {seconds:.2f} s" for step, seconds in result.tim
 
 shown = sum(m.n_triangles for m in result.meshes)
 if shown > DEFAULT_MESH_LIMITS.preview_triangles:
-    st.caption(f"Preview decimated to about {DEFAULT_MESH_LIMITS.preview_triangles:,} of {shown:,} triangles; the download is the full mesh.")
+    st.caption(
+        f"Preview decimated to about {DEFAULT_MESH_LIMITS.preview_triangles:,} of {shown:,} triangles; "
+        "the download is the full mesh."
+    )
 st.plotly_chart(stored["preview"], key="mesh_preview", config={"displaylogo": False})
 
 st.subheader("Download")
@@ -275,8 +334,13 @@ fmt_col, space_col, scale_col = st.columns(3)
 with fmt_col:
     fmt = st.selectbox("Format", list(FORMATS), format_func=lambda f: FORMATS[f][1], key="mesh_format")
 with space_col:
-    space = st.radio("Coordinates", ["LPS", "RAS"], horizontal=True, key="mesh_space",
-                     help="LPS: what 3D Slicer and DICOM use (Slicer assumes it for model files). RAS: NIfTI's.")
+    space = st.radio(
+        "Coordinates",
+        ["LPS", "RAS"],
+        horizontal=True,
+        key="mesh_space",
+        help="LPS: what 3D Slicer and DICOM use (Slicer assumes it for model files). RAS: NIfTI's.",
+    )
 with scale_col:
     scale = st.number_input("Scale", 0.01, 100.0, 1.0, step=0.1, key="mesh_scale", help="1 = real size in mm.")
 meshes = result.meshes
@@ -298,6 +362,17 @@ else:
     file_name = f"{stem}-{len(meshes)}-meshes-{file_token}.zip"
     label = f"Download {len(meshes)} meshes ({FORMATS[fmt][1]}, zip)"
     mime = "application/zip"
-st.download_button(label, data=_file, file_name=file_name, mime=mime, on_click="ignore",
-                   icon=":material/download:", type="primary", key="mesh_download")
-st.caption(f"Coordinates in {space} mm{'' if scale == 1 else f' × {scale:g}'}; the file header says SPACE={space}. File names carry no patient data.")
+st.download_button(
+    label,
+    data=_file,
+    file_name=file_name,
+    mime=mime,
+    on_click="ignore",
+    icon=":material/download:",
+    type="primary",
+    key="mesh_download",
+)
+st.caption(
+    f"Coordinates in {space} mm{'' if scale == 1 else f' × {scale:g}'}; the file header says SPACE={space}. "
+    "File names carry no patient data."
+)

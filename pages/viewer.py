@@ -18,10 +18,11 @@ Stable element labels (used by the browser test): sliders ``"Axial slice"``,
 
 from __future__ import annotations
 
-import base64
+import json
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import plotly.graph_objects as go
@@ -126,19 +127,30 @@ function unshuffle(bytes, size) {
   return out.buffer;
 }
 
-async function loadValues(root) {
+async function loadValues(root, packed) {
   const s = root._state;
   if (!s.values) { root._values = null; root._valuesKey = null; return; }
   const key = s.values.key;
   if (root._valuesKey === key || root._loadingKey === key) return;
   root._loadingKey = key;
-  let buffer = await (await fetch("data:application/octet-stream;base64," + s.values.b64)).arrayBuffer();
-  const stream = new Blob([buffer]).stream().pipeThrough(new DecompressionStream("deflate"));
-  buffer = await new Response(stream).arrayBuffer();
+  const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("deflate"));
+  const buffer = await new Response(stream).arrayBuffer();
   if (!root._state.values || root._state.values.key !== key) return;  // a newer slice arrived meanwhile
   const type = TYPES[s.values.dtype];
   root._values = new type(unshuffle(new Uint8Array(buffer), type.BYTES_PER_ELEMENT));
   root._valuesKey = key;
+}
+
+// The payload is binary: "TFV1", a uint32 (little-endian) header length, the JSON header,
+// the PNG, then the deflated values. Binary data skips base64 and JSON on both ends.
+function unpack(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const length = view.getUint32(4, true);
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + length)));
+  const pngStart = 8 + length, valuesStart = pngStart + header.pngBytes;
+  header.png = bytes.subarray(pngStart, valuesStart);
+  header.packedValues = header.values ? bytes.subarray(valuesStart, valuesStart + header.values.bytes) : null;
+  return header;
 }
 
 function layout(root) {
@@ -203,23 +215,48 @@ export default function (component) {
       root._lastWheel = now;
       root._setTrigger("scroll", { step: event.deltaY > 0 ? -1 : 1 });
     }, { passive: false });
-    new ResizeObserver(() => { if (root._state) layout(root); }).observe(root);
-    window.addEventListener("tomoforge-cursor", () => drawCross(root));
+    root._onCursor = () => drawCross(root);
+    root._resize = new ResizeObserver(() => { if (root._state) layout(root); });
   }
+  // (Re)attach the page-level listeners; the returned cleanup detaches them when Streamlit
+  // unmounts the view (or before it calls this function again), so nothing leaks.
+  if (!root._listening) {
+    window.addEventListener("tomoforge-cursor", root._onCursor);
+    root._resize.observe(root);
+    root._listening = true;
+  }
+  const cleanup = () => {
+    window.removeEventListener("tomoforge-cursor", root._onCursor);
+    root._resize.disconnect();
+    root._listening = false;
+  };
   root._setTrigger = setTriggerValue;
-  root._state = data;
-  const img = root._img;
-  if (img.getAttribute("src") !== data.image) img.setAttribute("src", data.image);
-  img.setAttribute("alt", data.label);
-  img.dataset.slice = String(data.index);
-  for (const edge of ["left", "right", "top", "bottom"]) {
-    root.querySelector(".tf-" + edge).textContent = data.letters[edge];
+  if (!(data instanceof Uint8Array)) return cleanup;
+  const state = unpack(data);
+  if (root._state && root._state.key === state.key) {  // the same view again: nothing to redraw
+    drawCross(root);
+    return cleanup;
   }
-  root.querySelector(".tf-info").textContent = data.info;
-  root.querySelector(".tf-readout").textContent = data.idle;
+  root._state = state;
+  const img = root._img;
+  const url = URL.createObjectURL(new Blob([state.png], { type: "image/png" }));
+  const previous = root._url;
+  root._url = url;
+  img.onload = () => { if (previous) URL.revokeObjectURL(previous); };
+  img.setAttribute("src", url);
+  img.setAttribute("alt", state.label);
+  img.dataset.slice = String(state.index);
+  img.dataset.key = state.key;
+  const data_ = state;
+  for (const edge of ["left", "right", "top", "bottom"]) {
+    root.querySelector(".tf-" + edge).textContent = data_.letters[edge];
+  }
+  root.querySelector(".tf-info").textContent = data_.info;
+  root.querySelector(".tf-readout").textContent = data_.idle;
   layout(root);
   drawCross(root);
-  loadValues(root);
+  loadValues(root, state.packedValues);
+  return cleanup;
 }
 """
 
@@ -235,7 +272,12 @@ slice_view = st.components.v2.component("tomoforge_slice_view", css=VIEW_CSS, js
 slice_cursor = st.components.v2.component("tomoforge_slice_cursor", js=CURSOR_JS)
 
 PLANE_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
-SLAB_MODES = {"Off": None, "MIP (maximum)": "max", "MinIP (minimum)": "min", "Mean": "mean"}
+SLAB_MODES: dict[str, Literal["max", "min", "mean"] | None] = {
+    "Off": None,
+    "MIP (maximum)": "max",
+    "MinIP (minimum)": "min",
+    "Mean": "mean",
+}
 SLAB_NAMES = {"max": "MIP", "min": "MinIP", "mean": "Mean"}
 CUSTOM = "Custom"
 CACHE_SIZE = 12  # rendered views kept per session (three planes x a few recent settings)
@@ -282,8 +324,53 @@ def window_choices(facts: dict[str, Any]) -> dict[str, Window]:
     return choices
 
 
-def init_state(choices: dict[str, Window]) -> None:
-    """Reset positions and window when the series changes."""
+# Widget values survive a visit to another page only through a plain copy: Streamlit drops the
+# state of widgets a run does not draw. Defaults that depend on the series are set in init_state.
+SETTINGS = "viewer_settings"
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "viewer_layout": "Three views",
+    "viewer_plane": "axial",
+    "viewer_radiological": True,
+    "viewer_invert": False,
+    "viewer_colormap": "gray",
+    "viewer_slab": "Off",
+    "viewer_slab_mm": 10.0,
+    "viewer_crosshair": True,
+    "viewer_overlay_kind": "None",
+    "viewer_opacity": 0.4,
+}
+
+
+def restore_settings() -> None:
+    """Give every viewer widget its last value (or default) before it is drawn."""
+    saved = st.session_state.setdefault(SETTINGS, {})
+    for key, default in GENERAL_DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = saved.get(key, default)
+    for key, value in saved.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
+def remember_settings() -> None:
+    saved = st.session_state[SETTINGS]
+    for key in list(GENERAL_DEFAULTS) + SERIES_SETTINGS:
+        if key in st.session_state:
+            saved[key] = st.session_state[key]
+
+
+SERIES_SETTINGS = [
+    "viewer_window_choice",
+    "viewer_center",
+    "viewer_width",
+    "viewer_frame",
+    "viewer_thr_lo",
+    "viewer_thr_hi",
+]
+
+
+def init_state(choices: dict[str, Window], facts: dict[str, Any]) -> None:
+    """Reset position, window, frame and threshold when the series changes."""
     pos = st.session_state.get(POS)
     if pos and pos.get("series") == info.id:
         return
@@ -294,15 +381,28 @@ def init_state(choices: dict[str, Window]) -> None:
         "coronal": (shape[1] - 1) // 2,
         "axial": (shape[2] - 1) // 2,
     }
+    values: dict[str, Any] = {"viewer_frame": 0}
     if not volume.is_rgb:
         start = default_window(volume, info.windows)
         label = next((name for name, w in choices.items() if (w.center, w.width) == (start.center, start.width)), None)
         if label is None:
             label = next(iter(choices))
             start = choices[label]
-        st.session_state["viewer_window_choice"] = label
-        st.session_state["viewer_center"] = float(start.center)
-        st.session_state["viewer_width"] = float(start.width)
+        values.update(
+            {
+                "viewer_window_choice": label,
+                "viewer_center": float(start.center),
+                "viewer_width": float(start.width),
+                "viewer_thr_lo": 300.0 if volume.unit == "HU" else float(facts["auto"].center),
+                "viewer_thr_hi": float(facts["edges"][-1]),
+            }
+        )
+    saved = st.session_state.setdefault(SETTINGS, {})
+    for key in SERIES_SETTINGS:
+        saved.pop(key, None)
+        st.session_state.pop(key, None)
+    saved.update(values)
+    st.session_state.update(values)
     st.session_state[OVERLAY] = {"key": None, "volume": None, "error": ""}
 
 
@@ -334,6 +434,7 @@ def _clicked(plane: str, radiological: bool) -> None:
 
 
 def _scrolled(plane: str) -> None:
+    """Mouse wheel over a view: one slice up or down."""
     state = st.session_state.get(f"view_{plane}")
     scroll = state.get("scroll") if state else None
     if not isinstance(scroll, dict):
@@ -355,8 +456,8 @@ def load_overlay(upload: Any) -> Volume | None:
     try:
         found = scan([Source(name=upload.name, data=upload.getvalue())])
         if not found.series:
-            reason = "; ".join(p.message for p in found.errors) or "no image found in the file"
-            raise CoreError(f"{upload.name}: cannot be used as a label map ({reason})")
+            reason = "; ".join(p.message for p in found.errors) or f"{upload.name}: no image found in the file"
+            raise CoreError(f"Label map not loaded. {reason}")
         labels = found.series[0].load()
         if labels.is_rgb:
             raise CoreError(f"{upload.name}: an RGB image is not a label map; upload a segmentation")
@@ -380,79 +481,103 @@ def legend(values: list[int], colors: dict[int, tuple[int, int, int]]) -> None:
     st.html(f"<div>Labels: {chips}{more}</div>")
 
 
-def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> dict[str, Any]:
-    """Render one view (cached per settings) and the data its browser side needs."""
+def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> bytes:
+    """One view, rendered and packed for its browser side (cached per settings).
+
+    The same bytes for an unchanged view let Streamlit send a cache reference
+    instead of the image again when another view changes.
+    """
     pos = st.session_state[POS]
     index = pos[plane]
     cache: OrderedDict = st.session_state.setdefault(CACHE, OrderedDict())
     key = (info.id, plane, index, hover_values, options["token"], options["max_height"])
     payload = cache.get(key)
-    if payload is None:
-        image = render_view(volume, plane, index, options["window"], **options["render"])
-        geometry = view_geometry(volume, plane, radiological=options["render"]["radiological"])
-        count = n_slices(volume, plane)
-        info_text = f"{PLANE_TITLES[plane]} {index}/{count - 1}"
-        if options["render"]["slab"] is not None:
-            slab = options["render"]["slab"]
-            info_text += f" · {SLAB_NAMES[slab.mode]} {slab.thickness_mm:g} mm"
-        if geometry.obliquity_deg > 1.0:
-            info_text += f" · oblique {geometry.obliquity_deg:.0f}°"
-        payload = {
-            "series": info.id,
-            "plane": plane,
-            "info": info_text,
-            "idle": "Point at the image for value, RAS (mm) and voxel; click to move the crosshair, scroll for slices.",
-            "maxHeight": options["max_height"],
-            "label": f"{PLANE_TITLES[plane]} view",
-            "image": "data:image/png;base64," + base64.b64encode(encode_png(image)).decode(),
-            "width": geometry.shape[1],
-            "height": geometry.shape[0],
-            "colSrc": geometry.col_src.tolist(),
-            "rowSrc": geometry.row_src.tolist(),
-            "nCols": geometry.native_shape[1],
-            "nRows": geometry.native_shape[0],
-            "colDesc": geometry.col_descending,
-            "rowDesc": geometry.row_descending,
-            "sliceAxis": geometry.slice_axis,
-            "colAxis": geometry.col_axis,
-            "rowAxis": geometry.row_axis,
-            "index": index,
-            "affine": volume.affine.tolist(),
-            "unit": volume.unit,
-            "rgb": volume.is_rgb,
-            "letters": geometry.letters,
-            "values": None,
-        }
-        if hover_values:
-            values = view_values(
-                volume,
-                plane,
-                index,
-                frame=options["render"]["frame"],
-                radiological=options["render"]["radiological"],
-                slab=options["render"]["slab"],
-            )
-            if values.dtype.kind in "iu" and values.dtype.itemsize == 8:
-                values = values.astype(np.float64)
-            elif values.dtype.kind == "b":
-                values = values.astype(np.uint8)
-            values = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
-            # Byte planes (all first bytes, then all second bytes...) deflate ~15% smaller.
-            shuffled = values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T.tobytes()
-            payload["values"] = {
-                "key": f"{plane}:{index}:{options['token']}",
-                "dtype": values.dtype.name,
-                "b64": base64.b64encode(deflate(shuffled, 1)).decode(),
-            }
-        cache[key] = payload
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
+    if payload is not None:
         cache.move_to_end(key)
+        return payload
+    render = options["render"]
+    image = render_view(volume, plane, index, options["window"], **render)
+    png = encode_png(image)
+    geometry = view_geometry(volume, plane, radiological=render["radiological"])
+    count = n_slices(volume, plane)
+    info_text = f"{PLANE_TITLES[plane]} {index}/{count - 1}"
+    if render["slab"] is not None:
+        info_text += f" · {SLAB_NAMES[render['slab'].mode]} {render['slab'].thickness_mm:g} mm"
+    if geometry.obliquity_deg > 1.0:
+        info_text += f" · oblique {geometry.obliquity_deg:.0f}°"
+    packed_values = b""
+    values_header = None
+    if hover_values:
+        values = view_values(
+            volume, plane, index, frame=render["frame"], radiological=render["radiological"], slab=render["slab"]
+        )
+        if values.dtype.kind in "iu" and values.dtype.itemsize == 8:
+            values = values.astype(np.float64)
+        elif values.dtype.kind == "b":
+            values = values.astype(np.uint8)
+        values = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+        # Byte planes (all first bytes, then all second bytes...) deflate ~15% smaller.
+        shuffled = values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T.tobytes()
+        packed_values = deflate(shuffled, 1)
+        values_header = {
+            "key": f"{plane}:{index}:{options['token']}",
+            "dtype": values.dtype.name,
+            "bytes": len(packed_values),
+        }
+    header = {
+        "key": f"{info.id}:{plane}:{index}:{options['token']}:{options['max_height']}",
+        "series": info.id,
+        "plane": plane,
+        "label": f"{PLANE_TITLES[plane]} view",
+        "info": info_text,
+        "idle": "Point at the image for value, RAS (mm) and voxel; click to move the crosshair, scroll for slices.",
+        "maxHeight": options["max_height"],
+        "width": geometry.shape[1],
+        "height": geometry.shape[0],
+        "colSrc": geometry.col_src.tolist(),
+        "rowSrc": geometry.row_src.tolist(),
+        "nCols": geometry.native_shape[1],
+        "nRows": geometry.native_shape[0],
+        "colDesc": geometry.col_descending,
+        "rowDesc": geometry.row_descending,
+        "sliceAxis": geometry.slice_axis,
+        "colAxis": geometry.col_axis,
+        "rowAxis": geometry.row_axis,
+        "index": index,
+        "affine": volume.affine.tolist(),
+        "unit": volume.unit,
+        "rgb": volume.is_rgb,
+        "letters": geometry.letters,
+        "pngBytes": len(png),
+        "values": values_header,
+    }
+    head = json.dumps(header).encode()
+    payload = b"TFV1" + struct.pack("<I", len(head)) + head + png + packed_values
+    cache[key] = payload
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
     return payload
 
 
+def unpack_payload(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """The header and PNG of a packed view (what the browser side reads); for tests."""
+    (length,) = struct.unpack("<I", payload[4:8])
+    header = json.loads(payload[8 : 8 + length])
+    return header, payload[8 + length : 8 + length + header["pngBytes"]]
+
+
 def histogram_figure(facts: dict[str, Any], window: Window | None) -> go.Figure:
+    """The histogram with the window marked; rebuilt only when the window changes (a figure costs ~5 ms)."""
+    key = (facts["series"], None if window is None else (window.center, window.width))
+    cached = facts.get("figure")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    figure = _histogram_figure(facts, window)
+    facts["figure"] = (key, figure)
+    return figure
+
+
+def _histogram_figure(facts: dict[str, Any], window: Window | None) -> go.Figure:
     counts, edges = facts["counts"], facts["edges"]
     centres = (edges[:-1] + edges[1:]) / 2
     figure = go.Figure(go.Bar(x=centres, y=np.maximum(counts, 0), width=np.diff(edges), marker_color="#888"))
@@ -515,90 +640,42 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
         )
 
 
-@st.fragment
-def viewer() -> None:
-    import sys as _s
-    import time as _t
-    _t0 = _t.perf_counter()
-    _viewer()
-    _mark("end")
-    steps = " ".join(f"{a[0]}:{(b[1]-a[1])*1e3:.1f}" for a, b in zip(_MARKS, _MARKS[1:]))
-    print(f"TIMING fragment {(_t.perf_counter() - _t0) * 1e3:.1f} ms | {steps}", file=_s.stderr, flush=True)
+def _callback(function: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """A no-argument callback (what components accept) calling ``function(*args)``."""
+
+    def callback() -> None:
+        function(*args)
+
+    return callback
 
 
-_MARKS = []
-def _mark(name):
-    import time as _t
-    _MARKS.append((name, _t.perf_counter()))
-
-
-def _viewer() -> None:
-    _MARKS.clear()
-    _mark("0")
-    facts = series_facts()
-    choices = window_choices(facts) if not volume.is_rgb else {}
-    init_state(choices)
-    pos = st.session_state[POS]
-
-    _mark("1")
-    top = st.columns([1.2, 1.3, 2.2, 1.0, 1.0])
-    layout_choice = top[0].radio("Layout", ["Three views", "One view"], horizontal=True, key="viewer_layout")
-    planes = list(PLANES)
-    if layout_choice == "One view":
-        one = top[1].radio("Plane", list(PLANES), format_func=PLANE_TITLES.get, horizontal=True, key="viewer_plane")
-        planes = [one]
-    radiological = top[1].toggle(
-        "Radiological",
-        value=True,
-        key="viewer_radiological",
-        help="On: the patient's right is on the screen's left (axial and coronal). Off: neurological.",
+def window_controls(choices: dict[str, Window], columns: list[Any]) -> Window | None:
+    """Preset menu and manual center/width; None for RGB volumes (shown as they are)."""
+    if volume.is_rgb:
+        return None
+    columns[0].selectbox(
+        "Window",
+        list(choices) + [CUSTOM],
+        key="viewer_window_choice",
+        on_change=_choose_window,
+        args=(choices,),
+        help="CT presets cite their sources in core/windowing.py; 'File' windows are (0028,1050)/(0028,1051).",
     )
-    window: Window | None = None
-    if not volume.is_rgb:
-        labels = list(choices) + [CUSTOM]
-        top[2].selectbox(
-            "Window",
-            labels,
-            key="viewer_window_choice",
-            on_change=_choose_window,
-            args=(choices,),
-            help="CT presets cite their source in core/windowing.py; 'File' windows come from (0028,1050)/(0028,1051).",
-        )
-        integer = np.dtype(info.dtype).kind in "iub" if info.dtype else True
-        step = 1.0 if integer else max(float(st.session_state["viewer_width"]) / 100.0, 1e-6)
-        center = top[3].number_input("Center", key="viewer_center", step=step, format="%g", on_change=_edit_window)
-        width = top[4].number_input(
-            "Width", key="viewer_width", min_value=1e-6, step=step, format="%g", on_change=_edit_window
-        )
-        window = Window(center=float(center), width=float(width), name=st.session_state["viewer_window_choice"])
-
-    _mark("2")
-    second = st.columns([1.0, 1.0, 1.4, 1.2, 1.0])
-    invert = second[0].toggle("Invert", key="viewer_invert", disabled=volume.is_rgb)
-    colormap = second[1].selectbox("Colormap", COLORMAPS, key="viewer_colormap", disabled=volume.is_rgb)
-    slab_label = second[2].selectbox("Slab projection", list(SLAB_MODES), key="viewer_slab", disabled=volume.is_rgb)
-    thickness = second[3].number_input(
-        "Slab thickness (mm)",
-        min_value=0.1,
-        value=10.0,
-        step=1.0,
-        key="viewer_slab_mm",
-        disabled=SLAB_MODES[slab_label] is None,
+    integer = np.dtype(info.dtype).kind in "iub" if info.dtype else True
+    step = 1.0 if integer else max(float(st.session_state["viewer_width"]) / 100.0, 1e-6)
+    center = columns[1].number_input("Center", key="viewer_center", step=step, format="%g", on_change=_edit_window)
+    width = columns[2].number_input(
+        "Width", key="viewer_width", min_value=1e-6, step=step, format="%g", on_change=_edit_window
     )
-    show_cross = second[4].toggle("Crosshair", value=True, key="viewer_crosshair")
-    frame = 0
-    if volume.n_frames > 1:
-        frame = st.slider("Time point", 0, volume.n_frames - 1, 0, key="viewer_frame")
-    if volume.display_inverted:
-        st.caption("MONOCHROME1: shown inverted (high values dark), as the file asks. 'Invert' reverses that.")
-    slab_mode = SLAB_MODES[slab_label]
-    slab = Slab(slab_mode, float(thickness)) if slab_mode else None
+    return Window(center=float(center), width=float(width), name=st.session_state["viewer_window_choice"])
 
-    _mark("3")
-    overlays: list[Any] = []
+
+def overlay_controls() -> list[LabelOverlay | ThresholdOverlay]:
+    overlays: list[LabelOverlay | ThresholdOverlay] = []
     with st.expander("Overlay", expanded=False):
-        kind = st.radio("Overlay", ["None", "Label map", "Threshold"], horizontal=True, key="viewer_overlay_kind")
-        opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="viewer_opacity")
+        kinds = ["None", "Label map"] + ([] if volume.is_rgb else ["Threshold"])
+        kind = st.radio("Overlay", kinds, horizontal=True, key="viewer_overlay_kind")
+        opacity = st.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="viewer_opacity")
         if kind == "Label map":
             upload = st.file_uploader(
                 "Label map (NIfTI or NRRD segmentation)",
@@ -616,21 +693,63 @@ def _viewer() -> None:
                 colors = label_colors(present)
                 overlays.append(LabelOverlay(labels_volume, opacity=opacity, colors=colors))
                 legend(present, colors)
-        elif kind == "Threshold" and not volume.is_rgb:
-            lo_default = 300.0 if volume.unit == "HU" else float(facts["auto"].center) if facts["auto"] else 0.0
-            hi_default = float(facts["edges"][-1])
+        elif kind == "Threshold":
             cols = st.columns(2)
-            lower = cols[0].number_input("Threshold from", value=lo_default, key="viewer_thr_lo", format="%g")
-            upper = cols[1].number_input("Threshold to", value=hi_default, key="viewer_thr_hi", format="%g")
+            lower = cols[0].number_input("Threshold from", key="viewer_thr_lo", format="%g")
+            upper = cols[1].number_input("Threshold to", key="viewer_thr_hi", format="%g")
             overlays.append(ThresholdOverlay(float(lower), float(upper), opacity=opacity))
             st.html(
                 '<div style="font-size:13px"><span style="display:inline-block;width:12px;height:12px;'
                 'background:rgb(255,60,60);margin-right:4px;vertical-align:-1px"></span>'
                 f"{lower:g} to {upper:g} {plain(volume.unit)}</div>"
             )
-    hover_values = True
+    return overlays
 
-    _mark("4")
+
+@st.fragment
+def viewer() -> None:
+    facts = series_facts()
+    choices = window_choices(facts) if not volume.is_rgb else {}
+    init_state(choices, facts)
+    restore_settings()
+    pos = st.session_state[POS]
+
+    top = st.columns([1.2, 1.3, 2.2, 1.0, 1.0])
+    layout_choice = top[0].radio("Layout", ["Three views", "One view"], horizontal=True, key="viewer_layout")
+    planes = list(PLANES)
+    if layout_choice == "One view":
+        planes = [
+            top[1].radio("Plane", list(PLANES), format_func=PLANE_TITLES.get, horizontal=True, key="viewer_plane")
+        ]
+    radiological = top[1].toggle(
+        "Radiological",
+        key="viewer_radiological",
+        help="On: the patient's right is on the screen's left (axial, coronal). Off: neurological convention.",
+    )
+    window = window_controls(choices, top[2:])
+
+    second = st.columns([1.0, 1.0, 1.4, 1.2, 1.0])
+    invert = second[0].toggle("Invert", key="viewer_invert", disabled=volume.is_rgb)
+    colormap = second[1].selectbox("Colormap", COLORMAPS, key="viewer_colormap", disabled=volume.is_rgb)
+    slab_label = second[2].selectbox("Slab projection", list(SLAB_MODES), key="viewer_slab", disabled=volume.is_rgb)
+    thickness = second[3].number_input(
+        "Slab thickness (mm)",
+        min_value=0.1,
+        step=1.0,
+        key="viewer_slab_mm",
+        disabled=SLAB_MODES[slab_label] is None,
+    )
+    show_cross = second[4].toggle("Crosshair", key="viewer_crosshair")
+    frame = 0
+    if volume.n_frames > 1:
+        frame = st.slider("Time point", 0, volume.n_frames - 1, key="viewer_frame")
+    if volume.display_inverted:
+        st.caption("MONOCHROME1: shown inverted (high values dark), as the file asks. 'Invert' reverses that.")
+    slab_mode = SLAB_MODES[slab_label]
+    slab = Slab(slab_mode, float(thickness)) if slab_mode else None
+    overlays = overlay_controls()
+    remember_settings()
+
     render_options = {
         "frame": frame,
         "radiological": radiological,
@@ -644,20 +763,15 @@ def _viewer() -> None:
         (type(o).__name__, overlay_key, getattr(o, "lower", None), getattr(o, "upper", None), o.opacity)
         for o in overlays
     )
-    token = settings_token(
-        window.center if window else None,
-        window.width if window else None,
-        frame,
-        radiological,
-        invert,
-        colormap,
-        slab,
-        overlay_token,
-    )
-    options = {"window": window or Window(127.5, 256.0), "render": render_options, "token": token}
+    window_key = (window.center, window.width) if window else None
+    token = settings_token(window_key, frame, radiological, invert, colormap, slab, overlay_token)
+    options = {
+        "window": window or Window(127.5, 256.0),  # RGB: unused for 8-bit, a full-range ramp otherwise
+        "render": render_options,
+        "token": token,
+        "max_height": 0.78 if len(planes) == 1 else 0.55,
+    }
 
-    _mark("5")
-    options["max_height"] = 0.78 if len(planes) == 1 else 0.55
     columns = st.columns(len(planes))
     for column, plane in zip(columns, planes):
         with column:
@@ -674,12 +788,8 @@ def _viewer() -> None:
                 )
             else:
                 st.caption(f"{PLANE_TITLES[plane]}: a single slice")
-            import sys as _s
-            import time as _t
-            _t1 = _t.perf_counter()
             try:
-                payload = view_payload(plane, options, hover_values)
-                print(f"TIMING payload {plane} {(_t.perf_counter() - _t1) * 1e3:.1f} ms", file=_s.stderr, flush=True)
+                payload = view_payload(plane, options, hover_values=True)
             except CoreError as err:
                 show_error(err.message)
                 continue
@@ -689,35 +799,17 @@ def _viewer() -> None:
                 on_click_change=_callback(_clicked, plane, radiological),
                 on_scroll_change=_callback(_scrolled, plane),
             )
-    _mark("6")
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
     slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
-    _mark("7")
     try:
-        here = readout(volume, ijk, frame=frame)
-        st.markdown(f"**Crosshair:** {plain(here.text())}")
+        st.markdown(f"**Crosshair:** {plain(readout(volume, ijk, frame=frame).text())}")
     except CoreError as err:
         show_error(err.message)
 
-    _mark("8")
-    st.plotly_chart(
-        histogram_figure(facts, window),
-        key="viewer_histogram",
-        config={"displayModeBar": False},
-    )
+    st.plotly_chart(histogram_figure(facts, window), key="viewer_histogram", config={"displayModeBar": False})
     st.caption("Histogram of all voxels (log scale); the shaded band is the current window.")
-    _mark("9")
     for plane in planes:
         download_buttons(plane, options)
-
-
-def _callback(function: Callable[..., None], *args: Any) -> Callable[[], None]:
-    """A no-argument callback (what components accept) calling ``function(*args)``."""
-
-    def callback() -> None:
-        function(*args)
-
-    return callback
 
 
 viewer()

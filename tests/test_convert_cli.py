@@ -137,3 +137,12 @@ def test_written_raster_files_open_in_our_loader(target: str, tmp_path: Path) ->
     info = run_cli("info", str(path), "--json")
     assert info.returncode == 0, info.stderr
     assert '"shape": [5, 42, 64]' in info.stdout
+
+
+def test_unwritable_output_folder_exits_3(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    mr = data_path("mr_siemens_gre_fieldmap_5sl", "dicom")
+    out = run_cli("convert", str(mr), "-o", str(blocker))
+    assert out.returncode == 3
+    assert out.stdout == "" and "cannot write" in out.stderr and "Traceback" not in out.stderr

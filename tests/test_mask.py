@@ -194,7 +194,9 @@ def test_world_bounds_follow_an_oblique_affine() -> None:
     full[3:7, 2:9, 4:6] = True
     theta = np.deg2rad(30)
     affine = np.eye(4)
-    affine[:3, :3] = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]) @ np.diag([0.8, 1.1, 2.5])
+    affine[:3, :3] = np.array(
+        [[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]
+    ) @ np.diag([0.8, 1.1, 2.5])
     affine[:3, 3] = [10, -20, 30]
     low, high = mask_from_full(full, affine).world_bounds_mm()
     xyz = np.argwhere(full) @ affine[:3, :3].T + affine[:3, 3]

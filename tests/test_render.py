@@ -46,6 +46,7 @@ from core.render import (
 )
 from core.series import Window
 from core.volume import Volume, reorient_to_ras
+from tests.conftest import data_path
 
 MARKER = 1000
 WHITE = Window(center=500.0, width=100.0)  # background 0 -> black, marker 1000 -> white
@@ -438,7 +439,10 @@ def test_zip_holds_every_slice_of_the_plane_named_by_plane_slice_and_window() ->
 def test_file_names_carry_view_settings_only() -> None:
     name = view_file_name("axial", 7, Window(40.0, 400.0, name="Soft tissue"), frame=2, slab=Slab("max", 10.0))
     assert name == "axial_s0007_W400_L40_t002_max10mm.png"
-    assert view_file_name("coronal", 3, Window(0.5, 0.25), suffix="ab/12", ext="zip") == "coronal_s0003_W0p25_L0p5_ab12.zip"
+    assert (
+        view_file_name("coronal", 3, Window(0.5, 0.25), suffix="ab/12", ext="zip")
+        == "coronal_s0003_W0p25_L0p5_ab12.zip"
+    )
 
 
 def test_histogram_counts_every_value() -> None:
@@ -450,3 +454,47 @@ def test_histogram_counts_every_value() -> None:
     counts, edges = histogram(small)
     np.testing.assert_array_equal(edges, np.arange(-0.5, 5.0, 1.0))
     assert counts.tolist() == [6, 6, 5, 5, 5]
+
+
+def test_totalsegmentator_label_map_in_dcm2niix_order_aligns_with_the_ct_read_from_dicom() -> None:
+    """Real data: the seg is stored LAS (y flipped against DICOM rows); only world alignment gets it right."""
+    import nibabel as nib
+
+    from core.io import scan
+    from core.sources import read_paths
+
+    folder = data_path("ct_siemens_20sl_uncompressed_derived", "dicom")
+    seg_path = data_path("ct_siemens_j2k_20sl", "extra", "example_seg_dicom.nii.gz")
+    ct = scan(read_paths([folder])).series[0].load()
+    image = nib.load(seg_path)
+    raw = np.asarray(image.dataobj).astype(np.uint8)
+    array, affine = reorient_to_ras(raw, image.affine)
+    labels = Volume(np.ascontiguousarray(array), affine)
+    index = ct.spatial_shape[2] // 2
+    sampled = sample_labels(ct, labels, "axial", index)
+    # Independent lookup: nibabel's raw (unreoriented) grid and affine, one pixel at a time.
+    geometry = view_geometry(ct, "axial")
+    inverse = np.linalg.inv(image.affine)
+    for row in range(0, geometry.shape[0], 37):
+        for col in range(0, geometry.shape[1], 41):
+            ijk = screen_to_voxel(geometry, index, col, row)
+            voxel = np.rint(apply_affine(inverse, apply_affine(ct.affine, ijk))).astype(int)
+            inside = all(0 <= v < n for v, n in zip(voxel, raw.shape))
+            assert sampled[row, col] == (raw[tuple(voxel)] if inside else 0)
+    # Anatomy agrees: labelled pixels are tissue, not air (a flipped overlay puts ~20 % on air).
+    values = view_values(ct, "axial", index)[np.ix_(geometry.row_src, geometry.col_src)]
+    labelled = sampled > 0
+    assert labelled.mean() > 0.05
+    assert (values[labelled] < -900).mean() < 0.02
+
+
+def test_png_encoder_round_trips_odd_sizes_and_random_content() -> None:
+    rng = np.random.default_rng(11)
+    for shape in [(1, 1), (1, 7), (5, 1), (13, 17), (3, 4, 3), (1, 1, 3), (9, 2, 1)]:
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        decoded = np.asarray(Image.open(io.BytesIO(encode_png(image, compress_level=6))))
+        np.testing.assert_array_equal(decoded, image.reshape(decoded.shape))
+    with pytest.raises(CoreError, match="uint8"):
+        encode_png(np.zeros((2, 2), dtype=np.int16))
+    with pytest.raises(CoreError, match="shape"):
+        encode_png(np.zeros((2, 2, 4), dtype=np.uint8))

@@ -94,7 +94,9 @@ def test_lookup_table_and_arithmetic_agree_on_every_int16_value() -> None:
     small = np.arange(256, dtype=np.int64)
     for dtype in (np.uint8, np.int8, np.uint16):
         values = small.astype(dtype)
-        np.testing.assert_array_equal(apply_window(values, Window(100.0, 50.0)), apply_window(values.astype(np.float64), Window(100.0, 50.0)))
+        np.testing.assert_array_equal(
+            apply_window(values, Window(100.0, 50.0)), apply_window(values.astype(np.float64), Window(100.0, 50.0))
+        )
 
 
 def test_window_bounds_are_where_black_and_white_start() -> None:
