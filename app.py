@@ -6,7 +6,7 @@ import streamlit as st
 
 from pages.common import init_state
 
-st.set_page_config(page_title="TomoForge", page_icon=":material/radiology:", layout="wide")
+st.set_page_config(page_title="TomoForge", page_icon="🩻", layout="wide")
 init_state()
 
 PAGES = [

@@ -233,26 +233,18 @@ def mask_to_surface(
         )
     use_values = intensities is not None and mask.threshold is not None
     field, level, origin = _surface_field(mask, intensities if use_values else None, cap_borders)
-    points, triangles = _flying_edges(field, level)
-    del field
-    if triangles.shape[0] == 0:
-        raise EmptySurfaceError(
-            f"the mask ({mask.voxel_count} voxels) produced no triangles; it is too thin for a surface at this level"
-        )
-    if triangles.shape[0] > limits.max_triangles:
-        raise LimitError(
-            f"the surface has {triangles.shape[0]:,} triangles, more than the cap of {limits.max_triangles:,}. "
-            "Keep the largest component, raise the threshold, crop or downsample the volume."
-        )
     # VTK sees the C-ordered box as (x, y, z) = (k, j, i): reverse the columns, then the affine.
     linear = mask.affine[:3, :3] @ np.eye(3)[::-1]
     offset = mask.affine[:3, :3] @ np.asarray(origin, dtype=np.float64) + mask.affine[:3, 3]
-    vertices = points.astype(np.float64) @ linear.T + offset
     # Flying edges winds triangles outward (positive volume) in its own (x, y, z) frame
     # when inside values are the high ones; a mirroring map to world flips that.
-    faces = triangles.astype(np.int32)
-    if np.linalg.det(linear) < 0:
-        faces = faces[:, [0, 2, 1]]
+    flip = bool(np.linalg.det(linear) < 0)
+    vertices, faces = _flying_edges(field, level, linear, offset, flip, limits.max_triangles)
+    del field
+    if faces.shape[0] == 0:
+        raise EmptySurfaceError(
+            f"the mask ({mask.voxel_count} voxels) produced no triangles; it is too thin for a surface at this level"
+        )
     return Mesh(vertices, faces, name, color)
 
 
@@ -400,14 +392,26 @@ def _init_smp() -> None:
     _SMP_READY.append(True)
 
 
-def _flying_edges(field: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Run vtkFlyingEdges3D on a C-contiguous box.
+def _flying_edges(
+    field: np.ndarray, level: float, linear: np.ndarray, offset: np.ndarray, flip: bool, max_triangles: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run vtkFlyingEdges3D on a C-contiguous box and map its output to world coordinates.
+
+    Parameters
+    ----------
+    field : (a, b, c) ndarray
+    level : float
+    linear, offset : (3, 3) and (3,) ndarray
+        World = linear @ (x, y, z) + offset for VTK's point coordinates.
+    flip : bool
+        Reverse the winding of every triangle.
+    max_triangles : int
+        Raise :class:`LimitError` above this, before copying VTK's output.
 
     Returns
     -------
-    points : (V, 3) float32 ndarray
-        In VTK's (x, y, z) = (c, b, a) index order of the box.
-    triangles : (F, 3) int64 ndarray
+    vertices : (V, 3) float64 ndarray
+    faces : (F, 3) int32 ndarray
     """
     from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
     from vtkmodules.vtkCommonDataModel import vtkImageData
@@ -428,12 +432,25 @@ def _flying_edges(field: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarr
     contour.InterpolateAttributesOff()
     contour.Update()
     output = contour.GetOutput()
-    if output.GetNumberOfPoints() == 0 or output.GetNumberOfPolys() == 0:
-        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
-    points = np.array(vtk_to_numpy(output.GetPoints().GetData()))
+    n_triangles = output.GetNumberOfPolys()
+    if output.GetNumberOfPoints() == 0 or n_triangles == 0:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int32)
+    if n_triangles > max_triangles:
+        raise LimitError(
+            f"the surface has {n_triangles:,} triangles, more than the cap of {max_triangles:,}. "
+            "Keep the largest component, raise the threshold, crop or downsample the volume."
+        )
+    # Views on VTK's arrays (valid while `output` lives), converted once each: few large
+    # temporaries, since first-touch page faults dominate at these sizes.
+    points = vtk_to_numpy(output.GetPoints().GetData())
+    vertices = points @ linear.T
+    vertices += offset
     connectivity = vtk_to_numpy(output.GetPolys().GetConnectivityArray())
-    triangles = np.array(connectivity).reshape(-1, 3)
-    return points, triangles
+    faces = np.empty((n_triangles, 3), dtype=np.int32)
+    order = (0, 2, 1) if flip else (0, 1, 2)
+    for column, corner in enumerate(order):
+        faces[:, column] = connectivity[corner::3]
+    return vertices, faces
 
 
 def threshold_surface(

@@ -33,7 +33,7 @@ import weakref
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -59,6 +59,7 @@ __all__ = [
     "ViewGeometry",
     "encode_jpeg",
     "deflate",
+    "direction_letter",
     "encode_png",
     "histogram",
     "label_colors",
@@ -70,6 +71,7 @@ __all__ = [
     "render_view",
     "sample_labels",
     "screen_to_voxel",
+    "settings_token",
     "slab_range",
     "view_file_name",
     "view_geometry",
@@ -664,20 +666,22 @@ def sample_labels(
 
 
 def _blend_labels(image: np.ndarray, labels: np.ndarray, overlay: LabelOverlay) -> np.ndarray:
-    present = [int(v) for v in np.unique(labels) if v != 0]
-    if not present:
+    present = np.unique(labels)
+    present = present[present != 0]
+    if present.size == 0:
         return image
-    colors = dict(label_colors(present))
+    colors = label_colors(present.tolist())
     if overlay.colors:
         colors.update({int(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in overlay.colors.items()})
-    alpha = float(np.clip(overlay.opacity, 0.0, 1.0))
-    out = image.astype(np.float32)
-    painted = np.zeros(labels.shape + (3,), dtype=np.float32)
+    # One lookup instead of a pass per label: position of each pixel's label among those present.
+    table = np.array([colors[int(v)] for v in present], dtype=np.float32)
     mask = labels != 0
-    for value in present:
-        painted[labels == value] = colors[value]
-    out[mask] = out[mask] * (1.0 - alpha) + painted[mask] * alpha
-    return np.floor(out + 0.5).astype(np.uint8)
+    painted = table[np.searchsorted(present, labels[mask])]
+    alpha = float(np.clip(overlay.opacity, 0.0, 1.0))
+    out = image.copy()
+    blended = out[mask].astype(np.float32) * (1.0 - alpha) + painted * alpha
+    out[mask] = np.floor(blended + 0.5).astype(np.uint8)
+    return out
 
 
 def screen_to_voxel(geometry: ViewGeometry, index: int, col: float, row: float) -> tuple[int, int, int]:
@@ -729,7 +733,6 @@ class Readout:
     ras_mm: tuple[float, float, float]
     value: float | tuple[float, ...]
     unit: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
 
     def text(self) -> str:
         """One line for the UI, e.g. ``-56 HU · RAS (12.3, -45.6, 78.9) mm · voxel (256, 240, 150)``."""

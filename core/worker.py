@@ -199,7 +199,12 @@ def load_series(
     pool = list(sources)
     if expected_sources:
         wanted = set(expected_sources)
-        expanded = expand_sources(pool, limits)
+        expanded: list[Source] = []
+        for source in pool:
+            try:
+                expanded.extend(expand_sources([source], limits))
+            except CoreError:
+                continue  # a refused archive holds none of this series' files (the scan said why)
         subset = [s for s in expanded if s.name in wanted]
         if {s.name for s in subset} == wanted:
             pool = subset
@@ -260,13 +265,21 @@ def load_series_in_worker(
 
 
 def sources_for_series(sources: Sequence[Source], series_sources: Sequence[str]) -> list[Source]:
-    """The uploaded files a series needs: those it names, and every zip (its members carry the zip's name).
+    """The uploaded files a series needs: those it names, and the zips its files came from.
 
-    Keeps the copy sent to a worker small when a study of many series was uploaded
-    as loose files.
+    Keeps the copy sent to a worker small when a study of many series was
+    uploaded. Zip members are named ``<zip name>/<path>``; when a name matches no
+    uploaded file or zip (members of a zip inside a zip), every zip is sent.
     """
     wanted = set(series_sources)
-    return [s for s in sources if s.name in wanted or is_zip(s.data)]
+    direct = [s for s in sources if s.name in wanted]
+    zips = [s for s in sources if s.name not in wanted and is_zip(s.data)]
+    prefixes = {s.basename + "/": s for s in zips}
+    matched = [z for prefix, z in prefixes.items() if any(name.startswith(prefix) for name in wanted)]
+    covered = {s.name for s in direct} | {n for n in wanted if any(n.startswith(p) for p in prefixes)}
+    if covered != wanted:
+        matched = zips
+    return direct + [z for z in zips if any(z is m for m in matched)]
 
 
 # --------------------------------------------------------------------------- parent side

@@ -559,13 +559,6 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
     return payload
 
 
-def unpack_payload(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """The header and PNG of a packed view (what the browser side reads); for tests."""
-    (length,) = struct.unpack("<I", payload[4:8])
-    header = json.loads(payload[8 : 8 + length])
-    return header, payload[8 + length : 8 + length + header["pngBytes"]]
-
-
 def histogram_figure(facts: dict[str, Any], window: Window | None) -> go.Figure:
     """The histogram with the window marked; rebuilt only when the window changes (a figure costs ~5 ms)."""
     key = (facts["series"], None if window is None else (window.center, window.width))

@@ -567,7 +567,10 @@ def corpus() -> list[BadInput]:
 def _corpus() -> list[BadInput]:
     U, L, G = UnsupportedFileError, LimitError, SeriesGeometryError
     raw8 = np.arange(512, dtype="<i2").tobytes()
-    ct = to_bytes(_dicom_dataset())
+
+    def ct() -> bytes:  # a fresh valid slice (new UIDs) for each use: pooled uploads must not see copies
+        return to_bytes(_dicom_dataset())
+
     entries = [
         # Not a medical file, wrong extension, empty.
         _entry("text-file", "not medical", [("notes.txt", b"hello, not a scan\n")], "refused", U),
@@ -578,8 +581,8 @@ def _corpus() -> list[BadInput]:
         _entry("png-named-dcm", "wrong extension", [("picture.dcm", _png())], "loads",
                note="the bytes decide, not the name"),
         # Truncated in the header / in the pixels.
-        _entry("dicom-truncated-header", "truncated header", [("cut_header.dcm", ct[:300])], "refused", U),
-        _entry("dicom-truncated-pixels", "truncated pixels", [("cut_pixels.dcm", ct[: len(ct) - 200])], "clean", U),
+        _entry("dicom-truncated-header", "truncated header", [("cut_header.dcm", ct()[:300])], "refused", U),
+        _entry("dicom-truncated-pixels", "truncated pixels", [("cut_pixels.dcm", ct()[:-200])], "clean", U),
         _entry("nifti-truncated-header", "truncated header", [("cut.nii", _nifti()[:200])], "refused", U),
         _entry("nifti-truncated-pixels", "truncated pixels", [("short.nii", _nifti()[:-300])], "refused", U),
         _entry("niigz-truncated", "truncated pixels", [("short.nii.gz", _nifti(gz=True)[:-40])], "clean", U),
@@ -658,13 +661,13 @@ def _corpus() -> list[BadInput]:
                "refused", U),
         _entry("dicomdir-outside-paths", "file reference", [_dicomdir_outside()], "skipped"),
         # Zip slip, absolute names, symlinks, nested zips, many members, encrypted and truncated zips.
-        _entry("zip-slip", "hostile zip", [("slip.zip", _zip([("../../../../tmp/tomoforge_slip.dcm", ct)]))], "loads"),
-        _entry("zip-absolute-name", "hostile zip", [("abs.zip", _zip([("/etc/cron.d/tomoforge.dcm", ct)]))], "loads"),
+        _entry("zip-slip", "hostile zip", [("slip.zip", _zip([("../../../../tmp/tomoforge_slip.dcm", ct())]))], "loads"),
+        _entry("zip-absolute-name", "hostile zip", [("abs.zip", _zip([("/etc/cron.d/tomoforge.dcm", ct())]))], "loads"),
         _entry("zip-symlink", "hostile zip", [("link.zip", _zip_symlink())], "refused", U),
         _entry("zip-nested", "hostile zip", [("nested.zip", _nested_zip(4))], "refused", L),
         _entry("zip-many-members", "hostile zip", [("many.zip", _zip_many_members(20_001))], "refused", L),
         _entry("zip-encrypted", "hostile zip", [("locked.zip", _zip_encrypted())], "refused", U),
-        _entry("zip-truncated", "hostile zip", [("cut.zip", _zip([("a.dcm", ct), ("b.dcm", ct)])[:700])], "refused", U),
+        _entry("zip-truncated", "hostile zip", [("cut.zip", _zip([("a.dcm", ct()), ("b.dcm", ct())])[:700])], "refused", U),
         # NaN / Inf / zero affines, negative dimensions, vox_offset past the end.
         _entry("nifti-nan-sform", "broken geometry",
                [("nan.nii", _patch_nifti(_nifti(codes=(0, 1)), "<4f", _SROW_X, *[float("nan")] * 4))],

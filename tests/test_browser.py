@@ -104,3 +104,38 @@ def test_open_sample_scan_shows_the_series_table(app_url: str, browser, tmp_path
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(tmp_path / "open_page.png"), full_page=True)
     page.close()
+
+
+def test_viewer_slider_changes_the_painted_image(app_url: str, browser, tmp_path) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    # Navigate inside the session (a fresh URL would start a new session without the scan).
+    page.get_by_role("link", name="View").click()
+    image = page.locator("img[alt='Axial view']")
+    image.wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    before_slice = image.get_attribute("data-slice")
+    before_src = image.get_attribute("src")
+    slider = page.get_by_role("slider", name="Axial slice")
+    slider.focus()
+    for _ in range(5):
+        slider.press("ArrowUp")
+    page.wait_for_function(
+        "([sel, old]) => { const el = document.querySelector(sel) ||"
+        " [...document.querySelectorAll('*')].map(e => e.shadowRoot && e.shadowRoot.querySelector(sel)).find(Boolean);"
+        " return el && el.getAttribute('data-slice') !== old; }",
+        arg=["img[alt='Axial view']", before_slice],
+        timeout=30_000,
+    )
+    wait_for_app_idle(page)
+    assert image.get_attribute("data-slice") != before_slice
+    assert image.get_attribute("src") != before_src
+    # The painted image is really there (decoded, non-zero size).
+    width = image.evaluate("img => img.complete ? img.naturalWidth : 0")
+    assert width > 0
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+    page.close()

@@ -498,3 +498,20 @@ def test_png_encoder_round_trips_odd_sizes_and_random_content() -> None:
         encode_png(np.zeros((2, 2), dtype=np.int16))
     with pytest.raises(CoreError, match="shape"):
         encode_png(np.zeros((2, 2, 4), dtype=np.uint8))
+
+
+def test_each_label_gets_its_own_colour() -> None:
+    labels_array = np.zeros((6, 4, 2), dtype=np.int32)
+    labels_array[0:2, :, :] = 3
+    labels_array[4:6, :, :] = 70000  # a large label value
+    base = Volume(np.zeros((6, 4, 2), dtype=np.int16), np.eye(4))
+    labels = Volume(labels_array, np.eye(4))
+    colors = {3: (0, 0, 200), 70000: (100, 50, 0)}
+    image = render_view(base, "axial", 0, Window(1000.0, 10.0), overlays=[LabelOverlay(labels, 1.0, colors)])
+    geometry = view_geometry(base, "axial")
+    for row in range(image.shape[0]):
+        for col in range(image.shape[1]):
+            i, j, k = screen_to_voxel(geometry, 0, col, row)
+            expected = colors.get(int(labels_array[i, j, k]), (0, 0, 0))
+            assert tuple(image[row, col]) == expected
+    assert label_values(labels) == [3, 70000]
