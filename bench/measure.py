@@ -72,7 +72,7 @@ class TaskFailed(RuntimeError):
 
 def _maxrss_bytes(rusage: object) -> int:
     # Linux reports ru_maxrss in kilobytes.
-    return int(getattr(rusage, "ru_maxrss")) * 1024
+    return int(rusage.ru_maxrss) * 1024  # type: ignore[attr-defined]
 
 
 @dataclass

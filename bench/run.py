@@ -44,6 +44,7 @@ from bench.measure import REPO, Run, TaskFailed, machine_info, median, paired_ra
 from bench.phantom import phantom_volume, series_volume, write_ct_series, zip_folder
 
 DCM2NIIX = str(Path(sys.executable).with_name("dcm2niix"))
+VIEW_TARGET_TOOL = "axial: render_view + PNG level 1 + base64 (what the viewer sends)"
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,9 @@ def _run(
 
         nib.Nifti1Image(np.asarray(phantom.array), phantom.affine).to_filename(str(nifti_path))
         dcm2niix_baseline = None
-    _log(f"inputs ready in {time.monotonic() - t0:.1f} s: {len(list(folder.iterdir()))} files, {volume_bytes / 1e6:.0f} MB")
+    _log(
+        f"inputs ready in {time.monotonic() - t0:.1f} s: {len(list(folder.iterdir()))} files, {volume_bytes / 1e6:.0f} MB"
+    )
 
     common = {
         "folder": str(folder),
@@ -501,21 +504,28 @@ def _report(
     coronal = median(render.get("coronal_png", []))
     coronal_render = median(render.get("coronal_render", []))
     n_render = len(render.get("axial_png", []))
+
+    def info_row(operation: str, tool: str, median_text: str, runs: int, notes: str = "") -> list[str]:
+        return [operation, tool, median_text, str(runs), "-", "-", "-", notes]
+
     if render_error:
-        rows.append(["View render", "render_view", f"n/a ({render_error[:160]})", "0", "-", "-", "-", ""])
+        rows.append(info_row("View render", "render_view", f"n/a ({render_error[:160]})", 0))
     else:
-        rows.append(["View render", f"axial {size.shape[0]}x{size.shape[1]}: render_view (window LUT)", _time_text(axial_render), str(n_render), "-", "-", "-", ""])
-        rows.append(["View render", "axial: render_view + PNG level 1 + base64 (what the viewer sends)", _time_text(axial), str(n_render), "-", "-", "-", ""])
-        rows.append(["View render", "coronal (resampled to square pixels): render_view", _time_text(coronal_render), str(n_render), "-", "-", "-", ""])
-        rows.append(["View render", "coronal: render_view + PNG + base64", _time_text(coronal), str(n_render), "-", "-", "-", ""])
+        axial_px = f"{size.shape[0]}x{size.shape[1]}"
+        rows += [
+            info_row("View render", f"axial {axial_px}: render_view (window LUT)", _time_text(axial_render), n_render),
+            info_row("View render", VIEW_TARGET_TOOL, _time_text(axial), n_render),
+            info_row("View render", "coronal (square pixels): render_view", _time_text(coronal_render), n_render),
+            info_row("View render", "coronal: render_view + PNG + base64", _time_text(coronal), n_render),
+        ]
+    browser_tool = "headless Chromium, app's sample 256x256x120, axial slider +1"
     if browser.error:
-        rows.append(["Slider -> painted image", "headless Chromium, served app", f"n/a ({browser.error})", "0", "-", "-", "-", ""])
+        rows.append(info_row("Slider -> painted image", browser_tool, f"n/a ({browser.error})", 0))
     else:
-        spread = f"min {min(browser.seconds) * 1000:.0f} ms, max {max(browser.seconds) * 1000:.0f} ms" if browser.seconds else ""
-        rows.append(
-            ["Slider -> painted image", "headless Chromium, app's sample 256x256x120, axial slider +1",
-             _time_text(browser.median), str(len(browser.seconds)), "-", "-", "-", "; ".join([spread, *browser.notes])]
-        )  # fmt: skip
+        seconds = browser.seconds
+        spread = f"min {min(seconds) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms" if seconds else ""
+        notes = "; ".join([spread, *browser.notes])
+        rows.append(info_row("Slider -> painted image", browser_tool, _time_text(browser.median), len(seconds), notes))
 
     # ---- targets
     targets: list[list[str]] = []
@@ -540,9 +550,13 @@ def _report(
     speed_target("Series load >= 3x faster than SimpleITK", ours_load, load.entry("sitk"), 3.0)
     nifti = by_key["nifti"]
     speed_target("DICOM -> .nii.gz >= 2x faster than dcm2niix -z y", nifti.entry("ours"), nifti.entry("dcm2niix"), 2.0)
-    speed_target("DICOM -> .nii.gz >= 10x faster than dicom2nifti", nifti.entry("ours"), nifti.entry("dicom2nifti"), 10.0)
+    speed_target(
+        "DICOM -> .nii.gz >= 10x faster than dicom2nifti", nifti.entry("ours"), nifti.entry("dicom2nifti"), 10.0
+    )
     stl = by_key["stl"]
-    ratio_target("Bone -> STL <= 1.0x VTK flying edges + numpy-stl (wheel default)", stl.entry("ours"), stl.entry("vtk"), 1.0)
+    ratio_target(
+        "Bone -> STL <= 1.0x VTK flying edges + numpy-stl (wheel default)", stl.entry("ours"), stl.entry("vtk"), 1.0
+    )
     if axial is None:
         targets.append(_target("View render <= 5 ms", "n/a", None, render_error[:120]))
     else:
@@ -553,7 +567,9 @@ def _report(
         targets.append(_target("Slider -> paint <= 150 ms", f"{browser.median * 1000:.0f} ms", browser.median <= 0.150))
     above = median([r.above_baseline_bytes for r in ours_load.runs if r.above_baseline_bytes is not None])
     if above is None:
-        targets.append(_target("Peak memory while loading <= 2x volume above baseline", "n/a", None, ours_load.error[:120]))
+        targets.append(
+            _target("Peak memory while loading <= 2x volume above baseline", "n/a", None, ours_load.error[:120])
+        )
     else:
         targets.append(
             _target(
@@ -570,7 +586,12 @@ def _report(
         else "n/a"
     )
     targets.append(
-        _target(f"{size.scale_slices}-slice series loads, displays and converts", scale_text, scale_ok if scale or scale_error else None, scale_error[:160])
+        _target(
+            f"{size.scale_slices}-slice series loads, displays and converts",
+            scale_text,
+            scale_ok if scale or scale_error else None,
+            scale_error[:160],
+        )
     )
 
     # ---- scale table
@@ -578,19 +599,40 @@ def _report(
     if scale_ok and scale_run is not None:
         scale_bytes = int(np.prod(scale["shape"])) * 2
         load_peak = scale.get("load_peak_bytes")
-        scale_rows.append(["load (read + scan + load)", _time_text(scale["load_s"]), _mb(load_peak), _mb(load_peak - scale_run.baseline_bytes if load_peak and scale_run.baseline_bytes else None), f"{' x '.join(map(str, scale['shape']))}, {scale_bytes / 1e6:.0f} MB"])
+        load_above = load_peak - scale_run.baseline_bytes if load_peak and scale_run.baseline_bytes else None
+        shape_text = " x ".join(map(str, scale["shape"]))
+        scale_rows.append(
+            ["load (read + scan + load)", _time_text(scale["load_s"]), _mb(load_peak), _mb(load_above),
+             f"{shape_text}, {_mb(scale_bytes)} MB"]
+        )  # fmt: skip
         for plane in ("axial", "coronal", "sagittal"):
             shape_px = "x".join(str(n) for n in scale[f"render_{plane}_shape"][:2])
-            scale_rows.append([f"render {plane} view + PNG", _time_text(scale[f"render_{plane}_s"]), "-", "-", f"{shape_px} px"])
-        scale_rows.append(["convert to .nii.gz + write", _time_text(scale["convert_s"]), _mb(scale_run.peak_bytes), _mb(scale_run.above_baseline_bytes), f"{scale['nifti_bytes'] / 1e6:.0f} MB; peak is the whole process"])
+            seconds = scale[f"render_{plane}_s"]
+            scale_rows.append([f"render {plane} view + PNG", _time_text(seconds), "-", "-", f"{shape_px} px"])
+        scale_rows.append(
+            ["convert to .nii.gz + write", _time_text(scale["convert_s"]), _mb(scale_run.peak_bytes),
+             _mb(scale_run.above_baseline_bytes), f"{_mb(scale['nifti_bytes'])} MB file; peak since the load began"]
+        )  # fmt: skip
     else:
         scale_rows.append(["load, display, convert", f"n/a ({scale_error[:160]})", "-", "-", ""])
     if scale_dcm2niix is not None:
-        scale_rows.append(["dcm2niix -z n (reference, 1 run)", _time_text(scale_dcm2niix.seconds), _mb(scale_dcm2niix.peak_bytes), _mb(scale_dcm2niix.above_baseline_bytes), ""])
+        scale_rows.append(
+            ["dcm2niix -z n (reference, 1 run)", _time_text(scale_dcm2niix.seconds), _mb(scale_dcm2niix.peak_bytes),
+             _mb(scale_dcm2niix.above_baseline_bytes), ""]
+        )  # fmt: skip
     else:
         scale_rows.append(["dcm2niix -z n (reference)", f"n/a ({scale_dcm2niix_error[:120]})", "-", "-", ""])
 
-    header = ["Operation", "Tool", "Median", "Runs", "Peak RSS (MB)", "Above baseline (MB)", "Ours / tool (per-run median)", "Notes"]
+    header = [
+        "Operation",
+        "Tool",
+        "Median",
+        "Runs",
+        "Peak RSS (MB)",
+        "Above baseline (MB)",
+        "Ours / tool (per-run median)",
+        "Notes",
+    ]
     lines = [
         f"## Benchmark results ({size_name}: {shape} CT series, {_mb(volume_bytes)} MB int16)",
         "",
@@ -651,8 +693,12 @@ def _report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full: 512x512x300 (+2000 slices); tiny: CI smoke run")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="folder for results.md and results.json")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="full", help="full: 512x512x300 (+2000 slices); tiny: CI smoke run"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "out", help="folder for results.md and results.json"
+    )
     parser.add_argument("--runs", type=int, default=None, help="timed runs per tool (default 5 full, 1 tiny)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with the series and outputs")
     args = parser.parse_args(argv)

@@ -245,9 +245,22 @@ def load_sitk_folder(args: dict[str, Any]) -> tuple[Operation, Check | None]:
 # ----------------------------------------------------------------------------- DICOM -> .nii.gz
 
 
+def _write_conversion(conversion: Any, out: Path) -> int:
+    """Write a conversion's files as the CLI does (streamed when the Conversion can); returns the bytes written."""
+    if hasattr(conversion, "write"):
+        paths = conversion.write(out)
+    else:  # a Conversion that only holds bytes
+        paths = []
+        for name, data in conversion.outputs:
+            (out / name).write_bytes(data)
+            paths.append(out / name)
+    return sum(Path(path).stat().st_size for path in paths)
+
+
 @task("nifti_ours")
 def nifti_ours(args: dict[str, Any]) -> tuple[Operation, Check | None]:
-    """Timed: read the folder, scan, ``convert_series`` to .nii.gz (loads the volume), write the file."""
+    """Timed: read the folder, scan, ``convert_series`` to .nii.gz (loads the volume), write the file
+    (``Conversion.write``, streamed as the CLI does)."""
     from core.convert import ConvertOptions, convert_series
     from core.io import scan
     from core.sources import read_paths
@@ -257,8 +270,7 @@ def nifti_ours(args: dict[str, Any]) -> tuple[Operation, Check | None]:
     def op() -> Any:
         result = scan(read_paths([args["folder"]]))
         conversion = convert_series(result.series[0], ConvertOptions(to="nifti", compress=True))
-        for name, data in conversion.outputs:
-            (out / name).write_bytes(data)
+        _write_conversion(conversion, out)
         return out / conversion.primary
 
     return op, _nifti_facts
@@ -526,10 +538,8 @@ def scale_ours(args: dict[str, Any]) -> tuple[Operation, Check | None]:
             extra[f"render_{plane}_shape"] = [int(n) for n in image.shape]
         start = time.perf_counter()
         conversion = convert_series(series, ConvertOptions(to="nifti", compress=True), volume=volume)
-        for name, data in conversion.outputs:
-            (out / name).write_bytes(data)
+        extra["nifti_bytes"] = _write_conversion(conversion, out)
         extra["convert_s"] = time.perf_counter() - start
-        extra["nifti_bytes"] = sum(len(data) for _, data in conversion.outputs)
         extra["warnings"] = list(conversion.warnings)
         return volume
 

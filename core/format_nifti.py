@@ -141,6 +141,13 @@ def _layout(hdr, name: str) -> tuple[_Layout, list[str]]:  # type: ignore[no-unt
             "Convert the image to an integer or float type.",
             source=name,
         ) from err
+    if raw_dtype.itemsize == 0 or (raw_dtype.kind == "V" and raw_dtype.names is None):
+        # datatype 0 (DT_UNKNOWN) and other codes nibabel maps to an empty "void" type (found by fuzzing).
+        raise UnsupportedFileError(
+            f"{name}: datatype code {int(hdr['datatype'])} names no pixel type (unknown or 0 bytes per value). "
+            "The header is damaged.",
+            source=name,
+        )
     file_shape = tuple(int(n) for n in hdr.get_data_shape())[:ndim]
     if len(file_shape) < 2:
         raise UnsupportedFileError(

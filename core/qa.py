@@ -34,6 +34,7 @@ from core.dicom_geometry import (
     SPACING_REL_TOLERANCE,
     cluster_positions,
 )
+from core.dicom_mosaic import is_mosaic
 from core.errors import SeriesGeometryError
 from core.series import Series
 from core.volume import LPS_TO_RAS
@@ -265,12 +266,24 @@ def slice_stack(series: Series) -> SliceStack:
         return from_affine(f"{info.kind} file: one affine, no per-slice positions")
     if len(headers) == 1 and "PerFrameFunctionalGroupsSequence" in headers[0]:
         stack = _stack_from_frames(headers[0])
-        return stack if stack is not None else from_affine("the multi-frame file has no per-frame positions")
-    if any(_is_mosaic(h) for h in headers):
+        if stack is None:
+            return from_affine("the multi-frame file has no per-frame positions")
+    elif any(is_mosaic(h) for h in headers):
         return from_affine("Siemens mosaic: slice positions come from the de-mosaiced volume")
-    if all("ImagePositionPatient" in h and "ImageOrientationPatient" in h and "PixelSpacing" in h for h in headers):
-        return _stack_from_images(headers)
-    return from_affine("the images have no (0020,0032) Image Position (Patient) and Orientation")
+    elif all("ImagePositionPatient" in h and "ImageOrientationPatient" in h and "PixelSpacing" in h for h in headers):
+        stack = _stack_from_images(headers)
+    else:
+        return from_affine("the images have no (0020,0032) Image Position (Patient) and Orientation")
+    # A layout the headers do not describe one image per slice (a mosaic of another
+    # vendor, say) would give a wrong report: then trust the reader's affine.
+    described = sorted((stack.n_columns, stack.n_rows, stack.n_slices))
+    frames_of_one_slice = stack.n_slices == 1 and int(stack.images_per_slice.sum()) > 1  # reported as such
+    if described != sorted(int(n) for n in info.shape[:3]) and not frames_of_one_slice:
+        return from_affine(
+            f"the headers describe {stack.n_columns}x{stack.n_rows} images at {stack.n_slices} positions, "
+            f"not the volume's {'x'.join(str(n) for n in info.shape[:3])} voxels"
+        )
+    return stack
 
 
 def stack_from_affine(affine: np.ndarray, shape: Sequence[int], *, is_rgb: bool = False, note: str = "") -> SliceStack:
@@ -313,11 +326,6 @@ def stack_from_affine(affine: np.ndarray, shape: Sequence[int], *, is_rgb: bool 
         source="affine",
         note=note,
     )
-
-
-def _is_mosaic(header: Any) -> bool:
-    image_type = [str(v).upper() for v in _as_list(header.get("ImageType", []))]
-    return "MOSAIC" in image_type or (0x0019, 0x100A) in header
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -19,6 +19,7 @@ Stable element labels (used by the browser test): sliders ``"Axial slice"``,
 from __future__ import annotations
 
 import json
+import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -598,7 +599,10 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
     window = options["window"]
     render_options = dict(options["render"])
     frame = render_options["frame"] if volume.n_frames > 1 else None
-    suffix = settings_token(info.id, options["token"])
+    # Streamlit serves media by a digest of size and samples: equal names across sessions could
+    # hand one user another's file, so a per-session salt goes into every name.
+    salt = st.session_state.setdefault("download_salt", secrets.token_hex(4))
+    suffix = settings_token(info.id, options["token"], salt)
     target = volume
 
     def png() -> bytes:

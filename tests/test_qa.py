@@ -41,7 +41,7 @@ def _scanned(sources) -> Series:
     return result.series[0]
 
 
-def _by_hand(sources) -> Series:
+def _by_hand(sources, shape: tuple[int, ...]) -> Series:
     """One Series holding every file's header, whatever the scanner would make of them."""
     headers = tuple(pydicom.dcmread(io.BytesIO(s.data), stop_before_pixels=True) for s in sources)
     info = SeriesInfo(
@@ -49,7 +49,7 @@ def _by_hand(sources) -> Series:
         kind="dicom",
         description="hand-made",
         modality="CT",
-        shape=(7, 6, len(headers)),
+        shape=shape,
         affine=np.eye(4),
         dtype="int16",
     )
@@ -101,7 +101,7 @@ def test_an_incomplete_time_point_fails_no_missing_slice() -> None:
     sources = make_series(
         _pixels(6), positions=positions, per_slice={"TemporalPositionIdentifier": [1, 1, 1, 2, 2, 2]}, drop=[5]
     )
-    report = qa_report(_by_hand(sources))
+    report = qa_report(_by_hand(sources, (7, 6, 3, 2)))
     assert "no_missing_slice" in failed(report)
     assert "1 to 2 images" in report.check("no_missing_slice").detail
 
@@ -120,14 +120,14 @@ def test_gantry_tilt_fails_no_tilt_and_reports_the_angle() -> None:
 
 def test_identical_positions_fail_distinct_positions() -> None:
     sources = make_series(_pixels(4), positions=[(0, 0, 0)] * 4, per_slice={"TemporalPositionIdentifier": [1, 2, 3, 4]})
-    report = qa_report(_by_hand(sources))
+    report = qa_report(_by_hand(sources, (7, 6, 1, 4)))
     assert "distinct_positions" in failed(report)
     assert report.n_slices == 1 and report.n_images == 4
 
 
 def test_mixed_orientation_fails_orientation_consistent() -> None:
     sources = make_series(_pixels(5), orientation_overrides={2: SAGITTAL})
-    report = qa_report(_by_hand(sources))
+    report = qa_report(_by_hand(sources, (7, 6, 5)))
     assert "orientation_consistent" in failed(report)
     assert "differs by up to 1" in report.check("orientation_consistent").detail
 
@@ -135,7 +135,7 @@ def test_mixed_orientation_fails_orientation_consistent() -> None:
 def test_two_image_sizes_fail_single_image_size() -> None:
     small = make_series(_pixels(3, rows=6, columns=7))
     large = make_series(_pixels(3, rows=8, columns=7), positions=[(0, 0, z) for z in (3.0, 4.0, 5.0)])
-    report = qa_report(_by_hand(small + large))
+    report = qa_report(_by_hand(small + large, (7, 6, 6)))
     assert failed(report) == {"single_image_size"}
     assert "6x7" in report.check("single_image_size").detail and "8x7" in report.check("single_image_size").detail
 
@@ -149,6 +149,13 @@ def test_a_sheared_affine_counts_as_tilt_and_a_regular_one_passes() -> None:
     assert failed(report) == {"no_tilt"}
     assert report.tilt_deg == pytest.approx(10.0, abs=1e-9)
     assert report.geometry_source == "affine"
+
+
+def test_headers_that_do_not_describe_the_volume_fall_back_to_its_affine() -> None:
+    # e.g. a vendor mosaic the headers describe as one big image per file
+    report = qa_report(_by_hand(make_series(_pixels(5)), (8, 8, 20)))
+    assert report.geometry_source == "affine"
+    assert "not the volume's 8x8x20 voxels" in report.note
 
 
 def test_report_json_is_serialisable_and_has_every_check() -> None:
