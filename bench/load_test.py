@@ -196,15 +196,19 @@ async def wait_idle(page) -> None:  # type: ignore[no-untyped-def]
 
 async def check_page(page, report: SessionReport, others: list[str], *, own_required: bool) -> None:  # type: ignore[no-untyped-def]
     report.pages += 1
+    selector = page.locator("[data-testid='stSelectbox'] input")
     if own_required:
         # The Open page names the current series in its selector ("id: description").
         try:
-            await page.get_by_text(report.token).first.wait_for(timeout=60_000)
-        except Exception:  # noqa: BLE001 - a missing name is recorded, the session goes on
-            report.errors.append(f"page {report.pages}: own data ({report.token}) not shown")
+            await selector.first.wait_for(timeout=60_000)
+        except Exception:  # noqa: BLE001 - recorded below, the session goes on
+            pass
     if await page.locator(EXCEPTION).count():
         report.errors.append(f"page {report.pages}: exception shown")
-    text = await page.inner_text("body")
+    values = [await selector.nth(n).input_value() for n in range(await selector.count())]
+    text = await page.inner_text("body") + "\n" + "\n".join(values)
+    if own_required and report.token not in text:
+        report.errors.append(f"page {report.pages}: own data ({report.token}) not shown")
     for token in others:
         if token in text:
             report.leaks.append(f"page {report.pages}: saw {token}")

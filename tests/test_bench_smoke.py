@@ -45,7 +45,7 @@ REFERENCE_ROWS = [
     ("Bone >= 300 HU -> binary STL", "VTK vtkFlyingEdges3D + numpy-stl (wheel default, 1 thread)"),
     ("Bone >= 300 HU -> binary STL", "VTK vtkFlyingEdges3D + numpy-stl (STDThread, 2 threads)"),
     ("Bone >= 300 HU -> binary STL", "scikit-image marching_cubes + numpy-stl"),
-    ("View render", "axial: render_view + PNG level 1 + base64 (what the viewer sends)"),
+    ("View render", "axial: render_view + PNG level 1 + hover values (what the viewer sends)"),
     ("Slider -> painted image", "headless Chromium"),
 ]
 TARGETS = [
