@@ -86,6 +86,14 @@ class Volume:
         object.__setattr__(self, "array", array)
         object.__setattr__(self, "affine", affine)
 
+    def __reduce__(self) -> tuple[type[Volume], tuple[object, ...]]:
+        # Rebuild through __init__ so a Volume sent to or from a worker process is validated
+        # and read-only again (unpickled arrays come back writeable).
+        return (
+            type(self),
+            (self.array, self.affine, self.modality, self.unit, self.is_rgb, self.display_inverted, self.description),
+        )
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self.array.shape)
