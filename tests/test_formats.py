@@ -35,6 +35,14 @@ from tests.conftest import DATA, data_path
 NIBABEL_DATA = Path(nibabel_data)
 
 
+def nibabel_file(name: str) -> Path:
+    """A file of nibabel's bundled test data; some wheels ship without part of it."""
+    path = NIBABEL_DATA / name
+    if not path.exists():
+        pytest.skip(f"nibabel's bundled test file {name} is not in this installation")
+    return path
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -238,7 +246,7 @@ def test_pooled_folder_accounts_for_every_file() -> None:
     ["example_nifti2.nii.gz", "anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz", "functional.nii"],
 )
 def test_nibabel_test_files(name: str) -> None:
-    path = NIBABEL_DATA / name
+    path = nibabel_file(name)
     series = _only_series(_scan(_file(path)))
     ref_array, ref_affine = _nib_reference(path)
     assert_same_image(_load_checked(series), ref_array, ref_affine, rtol=1e-5)
@@ -264,7 +272,7 @@ def _pair_image_bytes(header_path: Path) -> tuple[bytes, np.ndarray]:
 @pytest.mark.parametrize("name", ["analyze.hdr", "nifti1.hdr", "nifti2.hdr"])
 @pytest.mark.parametrize("compress_img", [False, True])
 def test_header_image_pairs(name: str, compress_img: bool, tmp_path: Path) -> None:
-    header_path = NIBABEL_DATA / name
+    header_path = nibabel_file(name)
     img_bytes, _ = _pair_image_bytes(header_path)
     (tmp_path / name).write_bytes(header_path.read_bytes())
     (tmp_path / name.replace(".hdr", ".img")).write_bytes(img_bytes)
@@ -282,7 +290,7 @@ def test_header_image_pairs(name: str, compress_img: bool, tmp_path: Path) -> No
 
 
 def test_pair_without_its_image_is_refused() -> None:
-    header = _file(NIBABEL_DATA / "analyze.hdr")
+    header = _file(nibabel_file("analyze.hdr"))
     result = _scan(header)
     assert not result.series
     assert "analyze.img" in result.errors[0].message and "not in the upload" in result.errors[0].message
@@ -800,7 +808,7 @@ def test_big_endian_metaimage_and_gzipped_pair_header(tmp_path: Path) -> None:
     ref_array, ref_affine = _sitk_reference(tmp_path / "b.mha")
     assert_same_image(_load_checked(series), ref_array, ref_affine)
 
-    header_path = NIBABEL_DATA / "nifti1.hdr"
+    header_path = nibabel_file("nifti1.hdr")
     img_bytes, _ = _pair_image_bytes(header_path)
     (tmp_path / "nifti1.hdr").write_bytes(header_path.read_bytes())
     (tmp_path / "nifti1.img").write_bytes(img_bytes)
