@@ -62,7 +62,9 @@ CHROMIUM_ARGS = [
 ]
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 EXCEPTION = "[data-testid='stException']"
-PAGE_TIMEOUT_MS = 600_000
+PAGE_TIMEOUT_MS = 240_000
+NAVIGATION_TIMEOUT_MS = 120_000
+VERBOSE = "--verbose" in sys.argv
 
 
 @dataclass
@@ -73,6 +75,13 @@ class SessionReport:
     errors: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    step: str = "start"
+
+    def at(self, step: str) -> None:
+        """Record (and with --verbose print) where the session is, so a stuck one can be diagnosed."""
+        self.step = step
+        if VERBOSE:
+            print(f"{time.strftime('%H:%M:%S')} {self.name}: {step}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- server and monitors
@@ -214,26 +223,31 @@ async def check_page(page, report: SessionReport, others: list[str], *, own_requ
             report.leaks.append(f"page {report.pages}: saw {token}")
 
 
-async def session(browser, url: str, report: SessionReport, upload: dict, others: list[str], rounds: int) -> None:  # type: ignore[no-untyped-def]
+async def session(browser, url: str, report: SessionReport, upload: dict, others: list[str], rounds: int, delay: float) -> None:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     context = await browser.new_context(viewport={"width": 1400, "height": 1000})
     page = await context.new_page()
     try:
-        await page.goto(url, timeout=PAGE_TIMEOUT_MS)
+        await asyncio.sleep(delay)  # users do not all arrive in the same millisecond
+        report.at("open the app")
+        await page.goto(url, timeout=NAVIGATION_TIMEOUT_MS, wait_until="domcontentloaded")
         await page.wait_for_selector(IDLE, timeout=PAGE_TIMEOUT_MS)
+        report.at("upload")
         await page.locator("input[type='file']").first.set_input_files(upload, timeout=PAGE_TIMEOUT_MS)
+        report.at("wait for the series table")
         await page.get_by_text("1 series found").wait_for(timeout=PAGE_TIMEOUT_MS)
         await wait_idle(page)
         await check_page(page, report, others, own_required=True)
-        for _ in range(rounds):
+        for round_number in range(rounds):
             for title in ("View", "Headers", "Open"):
+                report.at(f"round {round_number + 1}: {title}")
                 await page.get_by_role("link", name=title).first.click(timeout=PAGE_TIMEOUT_MS)
                 await wait_idle(page)
                 await check_page(page, report, others, own_required=title == "Open")
                 if title == "View" and await page.locator("[data-testid='stAlertContentError']").count():
                     report.errors.append(f"page {report.pages}: error on the viewer")
     except Exception as err:  # a timeout or a closed page is a result of the load test, not a crash of it
-        report.errors.append(f"{type(err).__name__}: {str(err)[:200]}")
+        report.errors.append(f"{report.step}: {type(err).__name__}: {str(err)[:200]}")
     finally:
         report.seconds = time.perf_counter() - start
         await context.close()
@@ -247,7 +261,7 @@ async def warm_up(url: str) -> None:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = await browser.new_page()
-        await page.goto(url, timeout=PAGE_TIMEOUT_MS)
+        await page.goto(url, timeout=NAVIGATION_TIMEOUT_MS, wait_until="domcontentloaded")
         await page.wait_for_selector(IDLE, timeout=PAGE_TIMEOUT_MS)
         await page.get_by_role("button", name="Open sample scan").click()
         await page.get_by_text("1 series found").wait_for(timeout=PAGE_TIMEOUT_MS)
@@ -278,8 +292,8 @@ async def drive(url: str, args: argparse.Namespace, folder: Path) -> list[Sessio
         try:
             await asyncio.gather(
                 *[
-                    session(browser, url, report, upload, [t for t in tokens if t != report.token], args.rounds)
-                    for report, upload in zip(reports, uploads, strict=True)
+                    session(browser, url, report, upload, [t for t in tokens if t != report.token], args.rounds, 0.3 * n)
+                    for n, (report, upload) in enumerate(zip(reports, uploads, strict=True))
                 ]
             )
         finally:
@@ -294,6 +308,7 @@ def main() -> int:
     parser.add_argument("--upload-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttl", type=int, default=20, help="server.disconnectedSessionTTL for this run (s)")
+    parser.add_argument("--verbose", action="store_true", help="print each session's steps on stderr")
     args = parser.parse_args()
 
     port = free_port()

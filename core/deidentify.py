@@ -54,6 +54,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from core.dicom_headers import read_dataset_bytes
 from core.errors import CoreError, UnsupportedFileError
 from core.series import Problem
 from core.sources import Source
@@ -1323,7 +1324,8 @@ def read_dicom(source: Source) -> Dataset:
     if not looks_like_dicom(source.data):
         raise UnsupportedFileError(f"{source.name}: not a DICOM file", source=source.name)
     try:
-        ds = pydicom.dcmread(io.BytesIO(source.data), force=True)
+        # The series reader's parser: it also reads bare datasets in implicit VR big endian.
+        ds = read_dataset_bytes(source.data, stop_before_pixels=False)
         meta = getattr(ds, "file_meta", None) or Dataset()
         # Some anonymised files keep the SOP UIDs only in the file meta: take them from there.
         sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "").strip()

@@ -61,6 +61,128 @@ def has_preamble(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+# Explicit VRs (PS3.5 Table 6.2-1).
+_EXPLICIT_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+    b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+    b"UR", b"US", b"UT", b"UV",
+}  # fmt: skip
+# Value lengths of fixed-size VRs must be a multiple of these.
+_VR_SIZES = {b"US": 2, b"SS": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"FD": 8, b"AT": 4, b"SV": 8, b"UV": 8}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Elements checked before a file without preamble is called DICOM.
+_SNIFF_ELEMENTS = 3
+
+
+def sniff_bare_dataset(data: bytes) -> tuple[bool, bool] | None:
+    """Encoding of a dataset that starts at byte 0 (no preamble), when the bytes are clearly DICOM.
+
+    Old ACR-NEMA files and some PACS exports have no 128-byte preamble and no
+    "DICM" marker, and often no file meta group either. Such a file is accepted
+    when its first elements parse consistently in one of the four encodings
+    (little/big endian, explicit/implicit VR): the first is a group 0x0002 or
+    0x0008 element, tags ascend, each tag is a public dictionary tag (or a group
+    length) whose explicit VR matches the dictionary, lengths are even, fit the
+    data and suit fixed-size VRs. Three elements are checked (two when the data
+    ends or a sequence of undefined length starts); junk practically never
+    passes, and the check reads a few dozen bytes.
+
+    Returns
+    -------
+    (little_endian, implicit_vr) or None
+        None when the bytes are not clearly a DICOM dataset.
+    """
+    if len(data) < 8:
+        return None
+    for little, implicit in ((True, False), (True, True), (False, False), (False, True)):
+        if _walks_as_dicom(data, little, implicit):
+            return little, implicit
+    return None
+
+
+def _walks_as_dicom(data: bytes, little: bool, implicit: bool) -> bool:
+    from pydicom.datadict import DicomDictionary
+
+    order = "<" if little else ">"
+    pos, previous, count = 0, -1, 0
+    while count < _SNIFF_ELEMENTS:
+        if pos == len(data):
+            return count >= 2
+        if pos + 8 > len(data):
+            return False
+        group, element = struct.unpack_from(order + "HH", data, pos)
+        tag = (group << 16) | element
+        if tag <= previous or (count == 0 and group not in (0x0002, 0x0008)):
+            return False
+        # The file meta group is always explicit VR little endian (PS3.10 7.1).
+        if group == 0x0002 and (implicit or not little):
+            return False
+        entry = DicomDictionary.get(tag)
+        if element != 0 and entry is None:
+            return False
+        expected = "UL" if element == 0 else str(entry[0]) if entry else ""
+        if implicit:
+            vr = expected.encode()[:2]
+            length = struct.unpack_from(order + "I", data, pos + 4)[0]
+            header = 8
+        else:
+            vr = data[pos + 4 : pos + 6]
+            if vr not in _EXPLICIT_VRS or (vr != b"UN" and vr.decode() not in expected):
+                return False
+            if vr in _LONG_VRS:
+                if pos + 12 > len(data) or data[pos + 6 : pos + 8] != b"\x00\x00":
+                    return False
+                length, header = struct.unpack_from(order + "I", data, pos + 8)[0], 12
+            else:
+                length, header = struct.unpack_from(order + "H", data, pos + 6)[0], 8
+        if length == _UNDEFINED_LENGTH:
+            # A sequence (or encapsulated data) follows: walking on means parsing it.
+            return count >= 1 and (implicit or vr in (b"SQ", b"UN", b"OB", b"OW"))
+        if length % 2 or length % _VR_SIZES.get(vr, 1) or pos + header + length > len(data):
+            return False
+        pos += header + length
+        previous = tag
+        count += 1
+    return True
+
+
+def _at_pixel_data(tag: Any, vr: str | None, length: int) -> bool:
+    return int(tag) in (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+def read_dataset_bytes(data: bytes, *, stop_before_pixels: bool, defer_size: str | None = None) -> Dataset:
+    """Parse a whole file's bytes: Part 10, or a bare dataset in any of the four encodings.
+
+    pydicom guesses the encoding of a file without meta header from its first
+    element, which fails for implicit VR big endian (ACR-NEMA 2.0); a bare dataset
+    whose encoding :func:`sniff_bare_dataset` recognises is read with that encoding
+    and given a file meta with the matching transfer syntax, so decoding knows the
+    byte order. Implicit VR big endian is labelled Explicit VR Big Endian: the two
+    store pixel bytes identically; only element headers differ, and those are parsed.
+
+    Raises
+    ------
+    pydicom's exceptions (see :data:`READ_ERRORS`) on damaged data.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+
+    encoding = None if has_preamble(data) else sniff_bare_dataset(data)
+    # A meta group without preamble names its transfer syntax: pydicom reads that case itself.
+    if encoding is None or data[:2] == b"\x02\x00":
+        return pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=not has_preamble(data)
+        )
+    little, implicit = encoding
+    ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_at_pixel_data if stop_before_pixels else None)
+    ds.file_meta = FileMetaDataset()
+    if not little:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
 def read_header(source: Source, limits: Limits = DEFAULT_LIMITS) -> Dataset:
     """Parse a file's header without its pixel data.
 
@@ -87,12 +209,7 @@ def read_header(source: Source, limits: Limits = DEFAULT_LIMITS) -> Dataset:
     """
     check_deflated_size(source, limits)
     try:
-        return pydicom.dcmread(
-            io.BytesIO(source.data),
-            stop_before_pixels=True,
-            defer_size="64 KB",
-            force=not has_preamble(source.data),
-        )
+        return read_dataset_bytes(source.data, stop_before_pixels=True, defer_size="64 KB")
     except READ_ERRORS as err:
         raise UnsupportedFileError(
             f"{source.name}: not a readable DICOM file ({type(err).__name__}: {err}). "
@@ -217,7 +334,13 @@ def skip_reason(ds: Dataset, data: bytes) -> str:
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-        return "DICOMDIR (a directory of the media, no image)"
+        # Its records name files by path on the original media; those paths are never
+        # opened (they may point anywhere). The images it lists are read when they are
+        # part of the upload, like any other file.
+        return (
+            "DICOMDIR (the index of a CD/DVD, no image): the image files next to it in the upload are read "
+            "directly; the paths it lists are never followed"
+        )
     # Deflated files compress the pixel data tag too, so the byte search cannot see it.
     uid = transfer_syntax(ds)
     pixels_hidden = uid.is_transfer_syntax and uid.is_deflated
@@ -325,6 +448,12 @@ class Frame:
         Candidate keys for ordering images at one position in time.
     split : tuple
         Attributes that must be equal inside one volume (echo, frame type, stack).
+    segment : int or None
+        DICOM SEG: the (0062,000B) Referenced Segment Number this frame is a mask of.
+    value_per_display : float
+        Loaded value per displayed value: 1, except for Philips precise values (see
+        :func:`philips_precise_rescale`), where a stored (0028,1050) window must be
+        multiplied by it to stay in the units of the volume.
     """
 
     file: int
@@ -340,6 +469,8 @@ class Frame:
     instance_number: int | None = None
     sop_uid: str = ""
     slice_spacing: float | None = None
+    segment: int | None = None
+    value_per_display: float = 1.0
 
     @property
     def has_geometry(self) -> bool:
@@ -349,6 +480,16 @@ class Frame:
 def number_of_frames(ds: Dataset) -> int:
     value = integer(ds, "NumberOfFrames")
     return value if value and value > 0 else 1
+
+
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def is_segmentation(ds: Dataset) -> bool:
+    """DICOM SEG (PS3.3 A.51): frames are masks of the segments in (0062,0002) Segment Sequence."""
+    return str(ds.get("SOPClassUID", "")) == SEGMENTATION_SOP_CLASS or (
+        str(ds.get("Modality", "")) == "SEG" and "SegmentSequence" in ds
+    )
 
 
 def is_enhanced(ds: Dataset) -> bool:
@@ -383,10 +524,18 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
 
 
 def _spacing(item: Dataset | None) -> tuple[float, float] | None:
+    """(0028,0030) as (row, column) spacing; None when absent or not two positive numbers.
+
+    Some writers put 0\\0 (radiographs whose spacing lives in (0018,1164)); a zero
+    size would make a singular affine, so it counts as unknown (1 mm is assumed and
+    said so).
+    """
     if item is None:
         return None
     values = floats(item, "PixelSpacing", 2)
-    return (values[0], values[1]) if values else None
+    if not values or values[0] <= 0 or values[1] <= 0:
+        return None
+    return (values[0], values[1])
 
 
 def _geometry(item_ds: Dataset | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -395,6 +544,99 @@ def _geometry(item_ds: Dataset | None) -> tuple[np.ndarray | None, np.ndarray | 
     ipp = floats(item_ds, "ImagePositionPatient", 3)
     iop = floats(item_ds, "ImageOrientationPatient", 6)
     return (np.array(ipp) if ipp else None), (np.array(iop) if iop else None)
+
+
+PHILIPS_SCALE_CREATOR = "Philips MR Imaging DD 001"
+PHILIPS_PER_FRAME_CREATOR = "Philips MR Imaging DD 005"
+
+
+def is_philips(ds: Dataset) -> bool:
+    return "PHILIPS" in str(ds.get("Manufacturer", "") or "").upper()
+
+
+def _private_element(item: Dataset, group: int, creator: str, offset: int, usual_block: int = 0x10) -> Any:
+    """The private element ``(group, xx offset)`` of ``creator``'s block, or None.
+
+    Blocks are found through their private creator, as the standard requires;
+    when the creator element was stripped but the element sits in the block the
+    vendor always uses, that one is used (dcm2niix reads these tags at fixed positions).
+    """
+    try:
+        tag: int = item.private_block(group, creator).get_tag(offset)
+    except KeyError:
+        if (group << 16) | usual_block in item:
+            return None  # the usual block belongs to another creator
+        tag = (group << 16) | (usual_block << 8) | offset
+    return item[tag] if tag in item else None
+
+
+def _private_float(element: Any, little_endian: bool = True) -> float | None:
+    """FL/DS value of a private element, also when its VR is unknown (UN: raw bytes)."""
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) == 4:
+            value = struct.unpack("<f" if little_endian else ">f", value)[0]
+        else:
+            text = bytes(value).decode("ascii", "replace").strip("\x00 ").split("\\")[0]
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    elif isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def philips_scale_slope(ds: Dataset, frame: int | None = None) -> float | None:
+    """Philips private (2005,100E) Scale Slope "SS" of a frame (or of a classic file); None when absent or 0.
+
+    Enhanced files keep it per frame in the private (2005,140F) sequence of the
+    per-frame functional groups; classic files at the top level.
+    """
+    little = getattr(ds, "is_little_endian", True) is not False
+    holders: list[Dataset] = []
+    if frame is not None:
+        groups = ds.get("PerFrameFunctionalGroupsSequence")
+        if groups and frame < len(groups):
+            private = _private_element(groups[frame], 0x2005, PHILIPS_PER_FRAME_CREATOR, 0x0F, usual_block=0x14)
+            if private is not None and private.VR == "SQ" and private.value:
+                holders.append(private.value[0])
+    holders.append(ds)
+    for holder in holders:
+        value = _private_float(_private_element(holder, 0x2005, PHILIPS_SCALE_CREATOR, 0x0E), little)
+        if value:
+            return value
+    return None
+
+
+def philips_precise_rescale(slope: float, intercept: float, scale_slope: float | None) -> tuple[float, float, float]:
+    """Philips "floating point" values from the rescale and the private scale slope.
+
+    Philips stores pixel values PV, a rescale RS/RI to the displayed value
+    DV = PV * RS + RI, and (2005,100E) SS with the precise value FP = DV / (RS * SS)
+    (Chenevert et al., PMC3998685). dcm2niix writes FP by default (its ``-p y``,
+    "Philips precise float (not display) scaling", default yes; function
+    ``PhilipsPrecise``), because FP is proportional to the measured signal and
+    comparable between scans, while DV depends on the scanner's display scaling.
+    We load what dcm2niix loads.
+
+    Returns
+    -------
+    slope, intercept : float
+        ``FP = slope * PV + intercept``.
+    value_per_display : float
+        ``1 / (RS * SS)``: multiply a displayed value (a stored window) by it.
+    """
+    if not scale_slope or not slope:
+        return slope, intercept, 1.0
+    factor = 1.0 / (slope * scale_slope)
+    return slope * factor, intercept * factor, factor
 
 
 def classic_temporal(ds: Dataset) -> dict[str, Any]:
@@ -428,6 +670,9 @@ def classic_frames(ds: Dataset, file: int) -> list[Frame]:
     if dose_scaling and "RescaleSlope" not in ds:
         # RT Dose: stored integers times (3004,000E) Dose Grid Scaling give the dose.
         slope = dose_scaling
+    value_per_display = 1.0
+    if is_philips(ds):
+        slope, intercept, value_per_display = philips_precise_rescale(slope, intercept, philips_scale_slope(ds))
     count = number_of_frames(ds)
     instance = integer(ds, "InstanceNumber")
     base_temporal = classic_temporal(ds)
@@ -454,6 +699,7 @@ def classic_frames(ds: Dataset, file: int) -> list[Frame]:
                 instance_number=instance,
                 sop_uid=str(ds.get("SOPInstanceUID", "")),
                 slice_spacing=first_float(ds, "SpacingBetweenSlices"),
+                value_per_display=value_per_display,
             )
         )
     return frames
@@ -468,6 +714,19 @@ def enhanced_frames(ds: Dataset, file: int) -> list[Frame]:
     count = number_of_frames(ds)
     top_slope, top_intercept = rescale_of(ds)
     instance = integer(ds, "InstanceNumber")
+    philips = is_philips(ds)
+    # File-level keys tell apart the files of a series stored one volume per enhanced file.
+    file_temporal: dict[str, Any] = {}
+    try:
+        acquisition_number = first_float(ds, "AcquisitionNumber")
+    except UnsupportedFileError:
+        acquisition_number = None
+    if acquisition_number is not None:
+        file_temporal["acquisition_number"] = acquisition_number
+    for name, keyword in (("content_time", "AcquisitionDateTime"), ("content_time", "ContentTime")):
+        seconds = dicom_time_seconds(ds.get(keyword, ""))
+        if seconds is not None and name not in file_temporal:
+            file_temporal[name] = seconds
     frames = []
     for index in range(count):
         position_item = _group_item(ds, index, "PlanePositionSequence")
@@ -482,7 +741,12 @@ def enhanced_frames(ds: Dataset, file: int) -> list[Frame]:
         if orientation is None:
             orientation = _geometry(ds)[1]
         slope, intercept = rescale_of(transform) if transform is not None else (top_slope, top_intercept)
-        temporal: dict[str, Any] = {"frame": (instance or 0, index)}
+        value_per_display = 1.0
+        if philips:
+            slope, intercept, value_per_display = philips_precise_rescale(
+                slope, intercept, philips_scale_slope(ds, index)
+            )
+        temporal: dict[str, Any] = {**file_temporal, "frame": (instance or 0, index)}
         stack = ""
         if content is not None:
             value = first_float(content, "TemporalPositionIndex")
@@ -505,6 +769,8 @@ def enhanced_frames(ds: Dataset, file: int) -> list[Frame]:
             if item is not None and "FrameType" in item:
                 frame_type = tuple(str(v).upper() for v in item.FrameType)
                 break
+        segment_item = _group_item(ds, index, "SegmentIdentificationSequence")
+        segment = integer(segment_item, "ReferencedSegmentNumber") if segment_item is not None else None
         frames.append(
             Frame(
                 file=file,
@@ -522,6 +788,8 @@ def enhanced_frames(ds: Dataset, file: int) -> list[Frame]:
                 sop_uid=str(ds.get("SOPInstanceUID", "")),
                 slice_spacing=(first_float(measures, "SpacingBetweenSlices") if measures is not None else None)
                 or first_float(ds, "SpacingBetweenSlices"),
+                segment=segment,
+                value_per_display=value_per_display,
             )
         )
     return frames

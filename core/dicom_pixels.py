@@ -8,17 +8,15 @@ array: no float64 temporaries, no list of frames to stack.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 import pydicom.pixels as dicom_pixels
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from core.dicom_headers import READ_ERRORS, has_preamble, transfer_syntax
+from core.dicom_headers import READ_ERRORS, read_dataset_bytes, transfer_syntax
 from core.errors import MissingCodecError, UnsupportedFileError
 
 # Which pip package decodes which transfer syntax (pydicom's "pixel data handlers" table).
@@ -179,7 +177,7 @@ def output_dtype(
 
 def _full_dataset(data: bytes, name: str) -> Dataset:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble(data))
+        ds = read_dataset_bytes(data, stop_before_pixels=False)
     except READ_ERRORS as err:
         raise UnsupportedFileError(f"{name}: cannot read the file again to decode it ({err}).", source=name) from err
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
@@ -277,6 +275,15 @@ def iter_frames(data: bytes, name: str, indices: Sequence[int] | None) -> Iterat
             yield 0, dicom_pixels.pixel_array(ds), ds
             return
         wanted = sorted(set(indices))
+        if int(ds.get("BitsAllocated", 8) or 8) == 1 and not uid.is_compressed:
+            # Bit-packed frames (DICOM SEG) need not start on a byte; pydicom 3.0's
+            # iter_pixels mis-slices them then ("cannot reshape"), its pixel_array
+            # does not. Packed data is small (1 bit per pixel) even when unpacked whole.
+            every = dicom_pixels.pixel_array(ds)
+            every = every.reshape(-1, *every.shape[-2:])
+            for index in wanted:
+                yield index, every[index], ds
+            return
         for index, frame in zip(wanted, dicom_pixels.iter_pixels(ds, indices=wanted), strict=True):
             yield index, frame, ds
     except MissingCodecError:

@@ -15,8 +15,16 @@ follows careful converters (dcm2niix, dicom2nifti; REFERENCE.md section 3):
    time); otherwise the group is refused.
 4. Spacing comes from the positions, never from Slice Thickness; uneven spacing,
    missing slices and gantry tilt are reported with their values.
-5. Siemens mosaics are split into slices with the CSA header; enhanced
-   multi-frame files use their per-frame functional groups.
+5. Siemens mosaics are split into slices with the CSA header, UIH grids with
+   their private slice positions; enhanced multi-frame files use their per-frame
+   functional groups, and enhanced files of one series (one volume each) join
+   into 4D. All images at one position are frames of one slice, not a volume.
+6. A DICOM SEG becomes a label volume (voxel = segment number) on the planes of
+   its frames, or on the grid of its image series when that is uploaded too; an
+   RT Dose grid is placed by (3004,000C) and scaled to Gy by (3004,000E).
+7. Values: Philips files get dcm2niix's default "precise" values (private scale
+   slope (2005,100E)); files without a Part-10 header are read in whichever of
+   the four encodings their first elements parse in.
 
 The affine maps ``(i=column, j=row, k=slice)`` to RAS+ (DICOM LPS with x and y
 negated), then the array is reoriented to the closest RAS+ axes.
@@ -40,6 +48,7 @@ from core.dicom_geometry import (
     centred_affine,
     cluster_orientations,
     cluster_positions,
+    same_orientation,
     slice_normal,
     stack_affine,
 )
@@ -51,13 +60,17 @@ from core.dicom_headers import (
     first_float,
     floats,
     frame_voi,
+    has_preamble,
     image_type,
+    integer,
     is_enhanced,
+    is_segmentation,
     multi_strings,
     number_of_frames,
     read_header,
     series_label,
     skip_reason,
+    sniff_bare_dataset,
     transfer_syntax,
 )
 from core.dicom_mosaic import MosaicLayout, is_mosaic, mosaic_layout
@@ -79,13 +92,6 @@ from core.volume import Volume, reorient_to_ras
 
 __all__ = ["is_dicom", "scan_dicom"]
 
-# Explicit VRs a first element may carry (PS3.5 Table 6.2-1).
-_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
-    b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
-    b"UR", b"US", b"UT", b"UV",
-}  # fmt: skip
-
 # Keys that order images at one slice position in time, most specific first.
 # InstanceNumber is deliberately absent: two images that differ only by it are
 # duplicates, not a time series.
@@ -94,29 +100,16 @@ _DISCRETE_TIME_KEYS = {"temporal_position", "acquisition_number"}
 
 
 def is_dicom(data: bytes) -> bool:
-    """Whether bytes look like DICOM, without parsing them.
+    """Whether bytes look like DICOM, reading at most a few dozen bytes.
 
     True for a Part-10 file ("DICM" at offset 128), and for a bare dataset (no
-    preamble, no meta header) whose first element is a group 0x0008 (or 0x0002)
-    tag with a valid explicit VR, or an implicit-VR length that fits the data and
-    is followed by another group 0x0008 element.
+    preamble, no "DICM", often no meta header: ACR-NEMA style files, some PACS
+    exports) whose first elements parse consistently as DICOM in one of the four
+    encodings (see :func:`core.dicom_headers.sniff_bare_dataset`).
     """
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if has_preamble(data):
         return True
-    if len(data) < 16:
-        return False
-    group, element = int.from_bytes(data[0:2], "little"), int.from_bytes(data[2:4], "little")
-    if group not in (0x0002, 0x0008) or element > 0x1000:
-        return False
-    if data[4:6] in _VRS:
-        return True
-    # Implicit VR little endian: 4-byte length, then the next tag of the same group.
-    length = int.from_bytes(data[4:8], "little")
-    if length % 2 or 8 + length + 4 > len(data) or length > 1024:
-        return False
-    next_group = int.from_bytes(data[8 + length : 10 + length], "little")
-    next_element = int.from_bytes(data[10 + length : 12 + length], "little")
-    return next_group == group and next_element > element
+    return sniff_bare_dataset(data) is not None
 
 
 @dataclass
@@ -146,6 +139,7 @@ class _Plan:
 
     ``grid[t][k]`` is the frame at time ``t`` and slice ``k``. For a mosaic,
     ``grid[t][k]`` is a frame of file ``t`` and ``tiles[k]`` the tile it comes from.
+    For a DICOM SEG, ``segments[k]`` lists the masks painted into slice ``k``.
     """
 
     files: list[_File]
@@ -156,6 +150,10 @@ class _Plan:
     columns: int
     tiles: list[int] | None = None
     split_note: str = ""
+    # DICOM SEG: per slice, the (frame, segment number) pairs painted into it.
+    segments: list[list[tuple[Frame, int]]] | None = None
+    segment_names: dict[int, str] = field(default_factory=dict)
+    segment_threshold: int = 1
 
     @property
     def first(self) -> _File:
@@ -196,10 +194,14 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         try:
             plans.extend(_plan_group(group))
         except CoreError as err:
+            if len(group) > 1 and group[0].mosaic is None and is_enhanced(group[0].ds):
+                plans.extend(_plan_enhanced_files_alone(group, err, result))
+                continue
             names = list(dict.fromkeys(f.name for f in group))
             for name in names:
                 result.errors.append(Problem(source=name, message=err.message))
     plans = _skip_derived_singles(plans, result)
+    _align_segmentations(plans)
     _note_split_series(plans)
     plans.sort(key=_plan_sort_key)
     counters: dict[str, int] = defaultdict(int)
@@ -214,6 +216,27 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
             for item in _plan_files_in_order(plan):
                 result.errors.append(Problem(source=item.name, message=err.message))
     return result
+
+
+def _plan_enhanced_files_alone(group: list[_File], err: CoreError, result: ScanResult) -> list[_Plan]:
+    """Enhanced files of one series that do not join into one volume: each file is planned on its own.
+
+    E.g. the same acquisition exported twice under new SOP Instance UIDs: nothing
+    orders the copies in time, but each file is a valid volume by itself.
+    """
+    plans = []
+    for item in group:
+        try:
+            for plan in _plan_group([item]):
+                plan.warnings.insert(
+                    0,
+                    f"{item.label}: the {len(group)} enhanced files of this series do not join into one volume "
+                    f"({err.message}); each file is loaded as a volume of its own.",
+                )
+                plans.append(plan)
+        except CoreError as inner:
+            result.errors.append(Problem(source=item.name, message=inner.message))
+    return plans
 
 
 def _note_split_series(plans: list[_Plan]) -> None:
@@ -295,6 +318,7 @@ def _instance_key(ds: Dataset) -> tuple[Any, ...]:
     if not sop:
         return ()
     # Positions compared as numbers: a re-encoded copy may format the same DS value differently.
+    position: tuple[Any, ...]
     try:
         position = tuple(round(float(v), 2) for v in ds.get("ImagePositionPatient") or ())
     except (TypeError, ValueError):
@@ -348,8 +372,8 @@ def _round(values: Sequence[float] | np.ndarray | None, digits: int) -> tuple[fl
 def _group_files(files: list[_File]) -> list[list[_File]]:
     """Candidate volumes: files that may be stacked together.
 
-    Frames of multi-frame files are planned with their file; frames are regrouped
-    later by orientation and position.
+    Frames of enhanced files of one series are pooled, other multi-frame files are
+    planned alone; frames are regrouped later by orientation and position.
     """
     groups: dict[tuple[Any, ...], list[_File]] = {}
     singles: list[list[_File]] = []
@@ -366,9 +390,18 @@ def _group_files(files: list[_File]) -> list[list[_File]]:
                 _round(frame.position, 2),
                 frame.split,
             )
+        elif is_segmentation(ds):
+            singles.append([item])  # a SEG is one label volume, never stacked with images
+            continue
         elif len(item.frames) == 1 and item.frames[0].has_geometry:
             frame = item.frames[0]
             key = ("stack", *common, _round(frame.pixel_spacing, 4), frame.split)
+        elif is_enhanced(ds) and item.frames and all(frame.has_geometry for frame in item.frames):
+            # Enhanced files of one series are planned together: a series stored one
+            # volume per file (fMRI, dynamic series) becomes one 4D volume, a volume
+            # split over several files one 3D volume. Frames are split by echo, frame
+            # type and stack in _plan_group.
+            key = ("enhanced", *common)
         else:
             # Multi-frame files and images without position are volumes on their own.
             singles.append([item])
@@ -384,13 +417,15 @@ def _plan_group(group: list[_File]) -> list[_Plan]:
     first = group[0]
     if first.mosaic is not None:
         return [_plan_mosaics(group)]
+    if is_segmentation(first.ds):
+        return [_plan_segmentation(first)]
     # Renumber frames to index into this group's file list.
     local = [_with_file(frame, n) for n, item in enumerate(group) for frame in item.frames]
     if all(frame.has_geometry for frame in local):
-        # Enhanced files can hold several echoes, frame types or stacks: one volume each.
+        # Enhanced files can hold several echoes, frame types, stacks or pixel sizes: one volume each.
         parts: dict[tuple[Any, ...], list[Frame]] = {}
         for frame in local:
-            parts.setdefault(frame.split, []).append(frame)
+            parts.setdefault((frame.split, _round(frame.pixel_spacing, 4)), []).append(frame)
         plans = []
         for frames in parts.values():
             plans.extend(_plan_stacks(group, frames))
@@ -466,7 +501,16 @@ def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
         )
     warnings: list[str] = []
     n_times = counts[0]
-    if n_times > 1:
+    if n_times > 1 and len(slices) == 1:
+        # All images at one position: a cine loop or repeated scan of one slice, not a volume
+        # (dicom2nifti NOT_A_VOLUME; dcm2niix stacks them as frames, X x Y x 1 x N).
+        slices, key = _order_frames_at_one_position(slices, label)
+        place = ", ".join(f"{v:.4g}" for v in slices[0][0].position)  # type: ignore[union-attr]
+        warnings.append(
+            f"{label}: all {n_times} images lie at one position ({place} mm): loaded as {n_times} frames of a "
+            f"single slice, not a volume, ordered by {key.replace('_', ' ')}."
+        )
+    elif n_times > 1:
         slices, key = _order_in_time(slices, label)
         warnings.append(
             f"{label}: {n_times} images at each of {len(slices)} positions: loaded as a time series of "
@@ -520,6 +564,10 @@ def _order_in_time(slices: list[list[Frame]], label: str) -> tuple[list[list[Fra
             continue
         if key in _DISCRETE_TIME_KEYS and len({tuple(sorted(row)) for row in values}) != 1:  # type: ignore[type-var]
             continue
+        if key == "frame" and any(len({frame.file for frame in members}) > 1 for members in slices):
+            # Frame numbers order the frames of one file; across files they are only instance
+            # numbers, which tell copies apart, not time points.
+            continue
         ordered = [sorted(members, key=_temporal_key(key)) for members in slices]
         return ordered, key
     count = len(slices[0])
@@ -529,6 +577,27 @@ def _order_in_time(slices: list[list[Frame]], label: str) -> tuple[list[list[Fra
         "apart: they are duplicates, not a time series. Remove the repeated images and upload again.",
         source=label,
     )
+
+
+def _order_frames_at_one_position(slices: list[list[Frame]], label: str) -> tuple[list[list[Frame]], str]:
+    """Order images that all share one position: by a time attribute, else by distinct instance numbers.
+
+    With a single position there is no volume for an instance number to be a
+    duplicate of, so (0020,0013) may order the frames (as dcm2niix does).
+    """
+    try:
+        return _order_in_time(slices, label)
+    except SeriesGeometryError:
+        members = slices[0]
+        numbers = [frame.instance_number for frame in members]
+        if any(n is None for n in numbers) or len(set(numbers)) != len(numbers):
+            raise SeriesGeometryError(
+                f"{label}: all {len(members)} images lie at one position and neither a time attribute nor distinct "
+                "(0020,0013) Instance Numbers tell them apart: they are copies of one image. Remove the repeated "
+                "files and upload again.",
+                source=label,
+            ) from None
+        return [sorted(members, key=lambda frame: frame.instance_number)], "instance_number"  # type: ignore[arg-type,return-value]
 
 
 def _instance_number_warnings(group: list[_File], frames: list[Frame], label: str) -> list[str]:
@@ -602,8 +671,9 @@ def _plan_without_geometry(item: _File, frames: list[Frame], extra_warning: str 
         normal = slice_normal(orientation)
         if offsets is not None and len(offsets) == count:
             # RT Dose: frame positions along the normal are given explicitly (PS3.3 C.8.8.3.2).
-            order = sorted(range(count), key=lambda n: offsets[n])
-            steps = np.asarray(offsets)[order]
+            relative = _grid_frame_offsets(offsets, position, normal, label)
+            order = sorted(range(count), key=lambda n: relative[n])
+            steps = relative[order]
             if len(set(steps.tolist())) != count:
                 raise SeriesGeometryError(
                     f"{label}: (3004,000C) Grid Frame Offset Vector repeats offsets.", source=label
@@ -639,6 +709,260 @@ def _plan_without_geometry(item: _File, frames: list[Frame], extra_warning: str 
         rows=int(ds.Rows),
         columns=int(ds.Columns),
     )
+
+
+def _grid_frame_offsets(
+    offsets: Sequence[float], position: Sequence[float], normal: np.ndarray, label: str
+) -> np.ndarray:
+    """(3004,000C) Grid Frame Offset Vector as distances (mm) along the slice normal from frame 0's plane.
+
+    PS3.3 C.8.8.3.2: when the first offset is 0 the offsets are relative to
+    (0020,0032); when it is not, they are z coordinates, which the standard only
+    allows for an axial grid (IOP 1\\0\\0\\0\\1\\0) whose (0020,0032) z equals the first
+    offset. Anything else cannot be placed unambiguously.
+
+    Raises
+    ------
+    SeriesGeometryError
+        A non-zero first offset that is not the absolute form.
+    """
+    values = np.asarray(offsets, dtype=np.float64)
+    if values[0] == 0:
+        return values
+    axial = bool(np.allclose(normal, [0.0, 0.0, 1.0], atol=1e-4))
+    if axial and abs(values[0] - float(position[2])) <= 0.01:
+        return values - values[0]
+    raise SeriesGeometryError(
+        f"{label}: (3004,000C) Grid Frame Offset Vector starts at {values[0]:g} mm, not 0. The standard reads that "
+        "as z coordinates, allowed only for an axial grid whose (0020,0032) z is the first offset; here z = "
+        f"{float(position[2]):g} mm and the slice normal is {np.round(normal, 4).tolist()}. Where the dose planes "
+        "are is ambiguous, so the grid is not loaded. Export the dose again from the planning system.",
+        source=label,
+    )
+
+
+def _segment_names(ds: Dataset, label: str) -> dict[int, str]:
+    """(0062,0002) Segment Sequence: segment number -> label."""
+    names: dict[int, str] = {}
+    for item in ds.get("SegmentSequence") or []:
+        number = item.get("SegmentNumber", None)
+        if number is None:
+            continue
+        try:
+            key = int(number)
+        except (TypeError, ValueError):
+            continue
+        names[key] = str(item.get("SegmentLabel", "") or item.get("SegmentDescription", "") or "").strip()
+    if not names:
+        raise SeriesGeometryError(
+            f"{label}: DICOM SEG without (0062,0002) Segment Sequence numbers; its frames cannot be labelled.",
+            source=label,
+        )
+    return names
+
+
+def _plan_segmentation(item: _File) -> _Plan:
+    """A DICOM SEG as one label volume: voxel value = segment number (0 = no segment).
+
+    Each frame is the mask of one segment on one plane, placed by its per-frame
+    (0020,9113) Plane Position, which puts the labels in the geometry of the
+    images they were drawn on. Writers leave out empty frames, so planes are
+    collected from all frames and the gaps between them filled with 0 on the
+    regular grid (step (0018,0088) Spacing Between Slices, or the smallest gap).
+
+    Raises
+    ------
+    SeriesGeometryError
+        Frames without plane position/orientation, with several orientations, at
+        positions that are not on one regular grid, or naming unknown segments.
+    """
+    ds = item.ds
+    label = item.label
+    names = _segment_names(ds, label)
+    frames = [_with_file(frame, 0) for frame in item.frames]
+    missing = [frame.index for frame in frames if not frame.has_geometry]
+    if missing:
+        raise SeriesGeometryError(
+            f"{label}: DICOM SEG frames {missing[:5]}{' ...' if len(missing) > 5 else ''} have no (0020,9113) Plane "
+            "Position / (0020,9116) Plane Orientation, so the segments cannot be placed in space; no label "
+            "volume is built.",
+            source=label,
+        )
+    unknown = sorted({str(frame.segment) for frame in frames if frame.segment not in names})
+    if unknown:
+        raise SeriesGeometryError(
+            f"{label}: DICOM SEG frames refer to (0062,000B) Referenced Segment Number {', '.join(unknown)}, which "
+            f"the (0062,0002) Segment Sequence does not define (it has {sorted(names)}).",
+            source=label,
+        )
+    if len(set(cluster_orientations([frame.orientation for frame in frames]))) > 1:  # type: ignore[misc]
+        raise SeriesGeometryError(
+            f"{label}: DICOM SEG frames have several (0020,0037) orientations; one label volume needs one.",
+            source=label,
+        )
+    spacing = frames[0].pixel_spacing
+    if spacing is None:
+        raise SeriesGeometryError(
+            f"{label}: DICOM SEG without (0028,0030) Pixel Spacing in (0028,9110) Pixel Measures; the size of "
+            "its pixels, and so where the labels lie, is unknown.",
+            source=label,
+        )
+    orientation = frames[0].orientation
+    normal = slice_normal(orientation)  # type: ignore[arg-type]
+    distances = [float(frame.position @ normal) for frame in frames]  # type: ignore[operator]
+    planes = cluster_positions(distances)
+    anchors = np.array([frames[members[0]].position for members in planes])
+    for members, anchor in zip(planes, anchors, strict=True):
+        places = np.array([frames[n].position for n in members])
+        spread = float(np.max(np.linalg.norm(places - anchor, axis=1)))
+        if spread > SAME_PLACE_TOLERANCE_MM:
+            raise SeriesGeometryError(
+                f"{label}: DICOM SEG frames in one plane lie {spread:.3g} mm apart in-plane; their grid is unknown.",
+                source=label,
+            )
+    thickness = frames[0].slice_spacing or frames[0].thickness or 1.0
+    if len(planes) == 1:
+        indices = [0]
+        positions = anchors
+    else:
+        along = anchors @ normal
+        gaps = np.diff(along)
+        candidates = [step for step in (frames[0].slice_spacing, float(gaps.min())) if step and step > 0]
+        for step in candidates:
+            offsets = (along - along[0]) / step
+            rounded = np.round(offsets)
+            if float(np.max(np.abs(offsets - rounded))) * step <= min(SAME_PLACE_TOLERANCE_MM, 0.25 * step):
+                break
+        else:
+            shown = ", ".join(f"{v:.4g}" for v in along[:6])
+            raise SeriesGeometryError(
+                f"{label}: DICOM SEG planes lie at {shown}{' ...' if len(along) > 6 else ''} mm along the normal, "
+                f"which are not multiples of one slice step ((0018,0088) {frames[0].slice_spacing} mm, smallest gap "
+                f"{float(gaps.min()):.4g} mm); the label volume's grid is unknown, so it is not built.",
+                source=label,
+            )
+        indices = [int(v) for v in rounded]
+        step_vector = (anchors[-1] - anchors[0]) / indices[-1]
+        positions = anchors[0][None, :] + np.arange(indices[-1] + 1)[:, None] * step_vector[None, :]
+        worst = float(np.max(np.linalg.norm(positions[indices] - anchors, axis=1)))
+        if worst > SAME_PLACE_TOLERANCE_MM:
+            raise SeriesGeometryError(
+                f"{label}: DICOM SEG planes are not on one straight regular grid (a plane is {worst:.3g} mm off); "
+                "the label volume's grid is unknown, so it is not built.",
+                source=label,
+            )
+    geometry = stack_affine(
+        orientation,  # type: ignore[arg-type]
+        spacing,
+        positions,
+        single_slice_thickness_mm=thickness,
+        label=label,
+    )
+    painted: list[list[tuple[Frame, int]]] = [[] for _ in range(len(positions))]
+    for members, k in zip(planes, indices, strict=True):
+        for n in members:
+            painted[k].append((frames[n], int(frames[n].segment)))  # type: ignore[arg-type]
+    warnings = list(geometry.warnings)
+    shared = [k for k, members in enumerate(painted) if len({number for _, number in members}) > 1]
+    if shared:
+        warnings.append(
+            f"{label}: several segments are drawn on {len(shared)} of {len(painted)} planes; where they overlap, a "
+            "label volume can hold one value only and keeps the higher segment number."
+        )
+    threshold = 1
+    if str(ds.get("SegmentationType", "")).upper() == "FRACTIONAL":
+        # FRACTIONAL frames hold 0..(0062,000E) Maximum Fractional Value: inside from 50 %.
+        maximum = integer(ds, "MaximumFractionalValue") or (2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+        threshold = max(1, (maximum + 1) // 2)
+    return _Plan(
+        files=[item],
+        grid=[[frames[0]] * len(positions)],
+        affine=geometry.affine,
+        warnings=warnings,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        segments=painted,
+        segment_names=names,
+        segment_threshold=threshold,
+    )
+
+
+def _referenced_series(ds: Dataset) -> set[str]:
+    """Series Instance UIDs a SEG was drawn on: (0008,1115) Referenced Series Sequence."""
+    return {str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence") or []} - {""}
+
+
+def _align_segmentations(plans: list[_Plan]) -> None:
+    """Put each SEG on the grid of the image series it references, when that series is in the upload.
+
+    The label volume then has the image's shape and affine, so it overlays voxel
+    for voxel. Only when every SEG plane is one of the image's slices (same
+    orientation, pixel spacing and size); otherwise the SEG keeps its own grid
+    and says why.
+    """
+    for plan in plans:
+        if plan.segments is None:
+            continue
+        wanted = _referenced_series(plan.first.ds)
+        candidates = [
+            other
+            for other in plans
+            if other.segments is None
+            and other.tiles is None
+            and str(other.first.ds.get("SeriesInstanceUID", "")) in wanted
+        ]
+        if not candidates:
+            continue
+        label = plan.first.label
+        reasons = []
+        for image in candidates:
+            reason = _segmentation_fits(plan, image)
+            if reason:
+                reasons.append(reason)
+                continue
+            slice_positions = np.array([frame.position for frame in image.grid[0]])
+            normal = slice_normal(image.grid[0][0].orientation)  # type: ignore[arg-type]
+            along = slice_positions @ normal
+            painted: list[list[tuple[Frame, int]]] = [[] for _ in range(len(slice_positions))]
+            for members in plan.segments:
+                for frame, number in members:
+                    k = int(np.argmin(np.abs(along - float(frame.position @ normal))))  # type: ignore[operator]
+                    painted[k].append((frame, number))
+            plan.segments = painted
+            plan.grid = [[plan.grid[0][0]] * len(slice_positions)]
+            plan.affine = image.affine
+            plan.warnings = [w for w in plan.warnings if "overlap" in w]
+            plan.warnings.insert(
+                0,
+                f"{label}: labels placed on the grid of the referenced series {image.first.label}, "
+                "so they overlay it voxel for voxel.",
+            )
+            break
+        else:
+            plan.warnings.append(
+                f"{label}: the referenced image series is in the upload but its grid does not hold the SEG planes "
+                f"({'; '.join(reasons)}); the labels keep the SEG's own grid."
+            )
+
+
+def _segmentation_fits(seg: _Plan, image: _Plan) -> str:
+    """Why the SEG's planes are not slices of ``image`` ("" when they are)."""
+    frame = seg.grid[0][0]
+    reference = image.grid[0][0]
+    if (seg.rows, seg.columns) != (image.rows, image.columns):
+        return f"{seg.rows}x{seg.columns} pixels vs {image.rows}x{image.columns}"
+    if not same_orientation(frame.orientation, reference.orientation):  # type: ignore[arg-type]
+        return "another orientation"
+    if not np.allclose(frame.pixel_spacing or (0, 0), reference.pixel_spacing or (1, 1), atol=1e-4):
+        return f"pixel spacing {frame.pixel_spacing} vs {reference.pixel_spacing}"
+    slice_positions = np.array([f.position for f in image.grid[0]])
+    assert seg.segments is not None
+    for members in seg.segments:
+        for member, _ in members:
+            offsets = np.linalg.norm(slice_positions - member.position, axis=1)
+            if float(offsets.min()) > SAME_PLACE_TOLERANCE_MM:
+                return f"a SEG plane lies {float(offsets.min()):.3g} mm from the nearest image slice"
+    return ""
 
 
 def _is_derived_single(plan: _Plan) -> bool:
@@ -694,11 +1018,12 @@ def _plan_files_in_order(plan: _Plan) -> list[_File]:
     return list(seen.values())
 
 
-def _windows(ds: Dataset) -> tuple[Window, ...]:
+def _windows(ds: Dataset, value_per_display: float = 1.0) -> tuple[Window, ...]:
+    """Stored windows in the units of the volume (``value_per_display``: see :class:`Frame`)."""
     voi = frame_voi(ds)
     try:
-        centers = [float(v) for v in multi_strings(voi.get("WindowCenter", None))]
-        widths = [float(v) for v in multi_strings(voi.get("WindowWidth", None))]
+        centers = [float(v) * value_per_display for v in multi_strings(voi.get("WindowCenter", None))]
+        widths = [float(v) * value_per_display for v in multi_strings(voi.get("WindowWidth", None))]
     except ValueError:
         return ()
     names = multi_strings(voi.get("WindowCenterWidthExplanation", None))
@@ -716,7 +1041,9 @@ def _unit(ds: Dataset, modality: str) -> str:
     if modality == "PT":
         return str(ds.get("Units", "") or "")
     if modality == "RTDOSE":
-        return str(ds.get("DoseUnits", "") or "")
+        # (3004,0002) Dose Units: GY, or RELATIVE (to an implicit reference dose).
+        units = str(ds.get("DoseUnits", "") or "").strip().upper()
+        return {"GY": "Gy", "RELATIVE": "relative"}.get(units, units)
     return ""
 
 
@@ -729,6 +1056,9 @@ def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
     has_lut = "ModalityLUTSequence" in ds
     rescales = [(frame.slope, frame.intercept) for row in plan.grid for frame in row]
     out_type = output_type([item.fmt for item in files], rescales, has_lut=has_lut)
+    if plan.segments is not None:
+        fmt_rgb, has_lut = False, False
+        out_type = OutputType(np.dtype(np.uint8 if max(plan.segment_names) <= 255 else np.uint16))
     dtype = out_type.dtype
     n_times, n_slices = plan.n_times, plan.n_slices
     raw_shape: tuple[int, ...] = (plan.columns, plan.rows, n_slices)
@@ -753,10 +1083,20 @@ def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
         )
     problems = sorted({codec_problem(item.uid) for item in files} - {""})
     warnings.extend(f"{label}: {problem} Loading will fail until then." for problem in problems)
+    value_per_display = plan.grid[0][0].value_per_display
+    if value_per_display != 1.0:
+        warnings.append(
+            f"{label}: Philips precise values: FP = (stored x (0028,1053) RS + (0028,1052) RI) / (RS x (2005,100E) "
+            "SS), as dcm2niix writes them by default (-p y); they are proportional to the measured signal. The "
+            f"scanner displays FP x RS x SS (here x {1.0 / value_per_display:.6g}); stored windows are converted."
+        )
     modality = str(ds.get("Modality", "") or "")
     description = str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "").strip()
     if plan.split_note:
         description = f"{description} ({plan.split_note})".strip()
+    if plan.segments is not None:
+        listed = ", ".join(f"{number} {name}".strip() for number, name in sorted(plan.segment_names.items()))
+        description = f"{description} (labels: {listed})".strip()
     info = SeriesInfo(
         id=series_id,
         kind="dicom",
@@ -767,7 +1107,7 @@ def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
         dtype=str(np.dtype(dtype)),
         warnings=tuple(warnings),
         sources=tuple(item.name for item in files),
-        windows=_windows(ds),
+        windows=() if plan.segments is not None else _windows(ds, value_per_display),
         is_rgb=fmt_rgb,
     )
     loader = _make_loader(plan, info, out_type, fmt_rgb, has_lut, modality, _unit(ds, modality))
@@ -812,6 +1152,8 @@ def _make_loader(
 
 def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool) -> np.ndarray:
     """Decode every needed frame once, straight into a (T, K, rows, columns[, 3]) buffer."""
+    if plan.segments is not None:
+        return _decode_segmentation(plan, out_type.dtype)
     shape: tuple[int, ...] = (plan.n_times, plan.n_slices, plan.rows, plan.columns)
     if is_rgb:
         shape = (*shape, 3)
@@ -839,6 +1181,34 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
                 tile = pixels if plan.tiles is None else _tile(item, pixels, plan.tiles[k])
                 slope, intercept = (1.0, 0.0) if (is_rgb or has_lut) else (frame.slope, frame.intercept)
                 store_frame(buffer[t, k], tile, slope, intercept, item.name, checked=out_type.checked)
+    return buffer
+
+
+def _decode_segmentation(plan: _Plan, dtype: np.dtype) -> np.ndarray:
+    """Paint each SEG frame's mask with its segment number into a (1, K, rows, columns) label buffer.
+
+    Where masks of several segments overlap the higher segment number is kept,
+    whatever the order of the frames in the file.
+    """
+    assert plan.segments is not None
+    item = plan.files[0]
+    buffer = np.zeros((1, plan.n_slices, plan.rows, plan.columns), dtype=dtype)
+    where: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for k, members in enumerate(plan.segments):
+        for frame, number in members:
+            where[frame.index if frame.index is not None else 0].append((k, number))
+    indices = None if item.frames[0].index is None else sorted(where)
+    for index, pixels, _ in iter_frames(item.source.data, item.name, indices):
+        if pixels.shape != (plan.rows, plan.columns):
+            raise UnsupportedFileError(
+                f"{item.name}: decoded SEG frame has shape {pixels.shape}, the header declares "
+                f"{(plan.rows, plan.columns)}. The file is inconsistent.",
+                source=item.name,
+            )
+        inside = pixels >= plan.segment_threshold
+        for k, number in where[index]:
+            target = buffer[0, k]
+            np.maximum(target, np.where(inside, number, 0).astype(dtype), out=target)
     return buffer
 
 

@@ -145,7 +145,7 @@ REFERENCE_CASES = [
     (
         "mr_philips_enhanced_multiframe/dicom",
         "mr_philips_enhanced_multiframe/ref_dicom2nifti/001_ground_truth.nii.gz",
-        "exact",
+        "proportional",
     ),
 ]
 

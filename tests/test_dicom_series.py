@@ -219,8 +219,12 @@ def test_philips_classic_epi_becomes_4d_in_dcm2niix_volume_order() -> None:
     assert any("time series" in w and "temporal position" in w for w in series.info.warnings)
     reference = nib.load(data_path("mr_philips_epi_4d", "ref_dcm2niix", "EPI_asc_CLEAR_201.nii"))
     stored = np.asarray(reference.dataobj.get_unscaled()).astype(np.float64)
-    slope = float(series.headers[0].RescaleSlope)
-    np.testing.assert_allclose(volume.array, resample_like(volume, stored, reference.affine) * slope, rtol=1e-6)
+    # dcm2niix's default (-p y) gives Philips "precise" values: (PV * RS + RI) / (RS * SS).
+    ds = series.headers[0]
+    rs, ri = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    ss = float(ds[0x2005100E].value)
+    expected = (resample_like(volume, stored, reference.affine) * rs + ri) / (rs * ss)
+    np.testing.assert_allclose(volume.array, expected, rtol=1e-6)
 
 
 def test_enhanced_multiframe_matches_dicom2nifti_ground_truth() -> None:
@@ -229,9 +233,13 @@ def test_enhanced_multiframe_matches_dicom2nifti_ground_truth() -> None:
     assert sorted(volume.shape) == [8, 256, 256]
     assert sorted(volume.spacing_mm) == pytest.approx([1.0, 1.0, 1.2], abs=1e-4)
     truth = nib.load(data_path("mr_philips_enhanced_multiframe", "ref_dicom2nifti", "001_ground_truth.nii.gz"))
-    values = np.asarray(truth.dataobj)[..., 0]
-    np.testing.assert_allclose(volume.array, resample_like(volume, values, truth.affine), rtol=1e-6)
-    assert series.info.windows[0].center == 326
+    values = np.asarray(truth.dataobj)[..., 0]  # dicom2nifti: displayed values (PV * RS + RI)
+    # We follow dcm2niix's default Philips "precise" scaling: displayed / (RS * SS).
+    frame = series.headers[0].PerFrameFunctionalGroupsSequence[0]
+    rs = float(frame.PixelValueTransformationSequence[0].RescaleSlope)
+    ss = float(frame[0x2005140F][0][0x2005100E].value)
+    np.testing.assert_allclose(volume.array, resample_like(volume, values, truth.affine) / (rs * ss), rtol=1e-5)
+    assert series.info.windows[0].center == pytest.approx(326 / (rs * ss))
 
 
 def test_monochrome1_is_flagged_and_values_stay_physical() -> None:

@@ -191,3 +191,15 @@ def test_sources_for_series_sends_only_the_series_files() -> None:
 def test_a_series_that_is_gone_gives_a_clear_error() -> None:
     with pytest.raises(CoreError, match="not found"):
         load_series([Source("notes.txt", b"junk")], "3-1")
+
+
+def test_meshing_in_a_worker_gives_the_same_surface() -> None:
+    from core.mesh import threshold_surface
+    from core.sample import make_sample_ct
+
+    volume = make_sample_ct((64, 64, 30))
+    here, _ = threshold_surface(volume, 299.5)
+    there, _ = run_in_worker(threshold_surface, volume, 299.5, what="sample bone surface")
+    np.testing.assert_array_equal(there.faces, here.faces)
+    np.testing.assert_allclose(there.vertices, here.vertices)
+    assert there.name == here.name
