@@ -93,17 +93,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int, ttl: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, ttl: int, log: Path, options: list[str] = ()) -> subprocess.Popen[bytes]:  # type: ignore[assignment]
+    """Start the app; its output goes to ``log`` (a pipe nobody reads would fill and block the server)."""
     env = dict(os.environ, STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     command = [
         sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
         "--server.address", "127.0.0.1", "--server.disconnectedSessionTTL", str(ttl),
     ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for option in options:  # e.g. runner.postScriptGC=true, to compare with .streamlit/config.toml
+        key, _, value = option.partition("=")
+        command += [f"--{key}", value]
+    with open(log, "wb") as output:
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
+            raise RuntimeError(f"server exited: {log.read_text(errors='replace')[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
                 if response.status == 200:
@@ -223,7 +228,9 @@ async def check_page(page, report: SessionReport, others: list[str], *, own_requ
             report.leaks.append(f"page {report.pages}: saw {token}")
 
 
-async def session(browser, url: str, report: SessionReport, upload: dict, others: list[str], rounds: int, delay: float) -> None:  # type: ignore[no-untyped-def]
+async def session(
+    browser, url: str, report: SessionReport, upload: dict, others: list[str], rounds: int, delay: float
+) -> None:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     context = await browser.new_context(viewport={"width": 1400, "height": 1000})
     page = await context.new_page()
@@ -292,7 +299,9 @@ async def drive(url: str, args: argparse.Namespace, folder: Path) -> list[Sessio
         try:
             await asyncio.gather(
                 *[
-                    session(browser, url, report, upload, [t for t in tokens if t != report.token], args.rounds, 0.3 * n)
+                    session(
+                        browser, url, report, upload, [t for t in tokens if t != report.token], args.rounds, 0.3 * n
+                    )
                     for n, (report, upload) in enumerate(zip(reports, uploads, strict=True))
                 ]
             )
@@ -309,10 +318,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttl", type=int, default=20, help="server.disconnectedSessionTTL for this run (s)")
     parser.add_argument("--verbose", action="store_true", help="print each session's steps on stderr")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a streamlit config option for this run, e.g. runner.postScriptGC=true")  # fmt: skip
     args = parser.parse_args()
 
     port = free_port()
-    server = start_server(port, args.ttl)
+    log = Path(tempfile.mkstemp(prefix="tomoforge-load-", suffix=".log")[1])
+    server = start_server(port, args.ttl, log, args.option)
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(warm_up(url))
@@ -354,9 +366,17 @@ def main() -> int:
               f"{latencies[-1] * 1000:.0f} ms |")  # fmt: skip
     print(f"| server + workers RSS: after warm-up / peak / sessions closed / +{args.ttl + 15} s | {baseline / mb:.0f} / "
           f"{monitor.peak_rss / mb:.0f} / {closed / mb:.0f} / {after / mb:.0f} MB |")  # fmt: skip
+    output = log.read_text(errors="replace")
+    print(f"| tracebacks in the server log | {output.count('Traceback')} |")
     for report in reports:
         if report.errors or report.leaks:
             print(f"{report.name}: {report.errors[:3]} {report.leaks[:3]}")
+    if "Traceback" in output:
+        print(f"server log ({log}), first traceback:")
+        start = output.index("Traceback")
+        print(output[max(0, start - 300) : start + 3000])
+    else:
+        log.unlink()
     print("| session | seconds |")
     for report in reports:
         print(f"| {report.name} | {report.seconds:.0f} |")

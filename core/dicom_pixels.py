@@ -19,6 +19,25 @@ from pydicom.uid import UID
 from core.dicom_headers import READ_ERRORS, read_dataset_bytes, transfer_syntax
 from core.errors import MissingCodecError, UnsupportedFileError
 
+
+def _without_gdcm() -> None:
+    """Decode with pylibjpeg/pillow only, never GDCM.
+
+    GDCM is not in requirements.txt but arrives with other tools (dicom2nifti);
+    pydicom tries it first when present, and it aborts the whole process on a
+    scrambled JPEG 2000 frame instead of raising. Dropping it keeps decoding the
+    same in every installation and a corrupt upload from killing the server.
+    """
+    from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS, get_decoder
+
+    for uid in list(_PIXEL_DATA_DECODERS):
+        decoder = get_decoder(uid)
+        if "gdcm" in decoder.available_plugins:
+            decoder.remove_plugin("gdcm")
+
+
+_without_gdcm()
+
 # Which pip package decodes which transfer syntax (pydicom's "pixel data handlers" table).
 _LIBJPEG = "pylibjpeg and pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg)"
 _OPENJPEG = "pylibjpeg and pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg)"
@@ -207,6 +226,16 @@ def native_frame(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelForma
         Stored values with unused high bits masked (unsigned) or sign-extended
         (signed), as pydicom does.
     """
+    pixels = native_stored(data, uid, rows, columns, fmt)
+    return None if pixels is None else significant_bits(pixels, fmt)
+
+
+def native_stored(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
+    """The bytes of :func:`native_frame` as stored, unused high bits untouched (a read-only view of ``data``).
+
+    :func:`store_native_frame` clears or sign-extends those bits while it writes
+    the frame into the volume, in one pass instead of through a temporary.
+    """
     if str(uid) not in _NATIVE_LITTLE_ENDIAN or fmt.samples != 1 or fmt.float_data:
         return None
     if fmt.bits_allocated not in (8, 16, 32) or fmt.photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -225,14 +254,73 @@ def native_frame(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelForma
     ):
         return None
     dtype = fmt.stored_dtype.newbyteorder("<")
-    pixels = np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start).reshape(rows, columns)
-    unused = fmt.bits_allocated - fmt.bits_stored
-    if unused > 0:
-        if fmt.signed:
-            pixels = (pixels << unused) >> unused
-        else:
-            pixels = pixels & np.asarray((1 << fmt.bits_stored) - 1, dtype=dtype)
-    return pixels
+    return np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start).reshape(rows, columns)
+
+
+def _unused_bits(fmt: PixelFormat) -> int:
+    return max(0, fmt.bits_allocated - fmt.bits_stored) if fmt.bits_stored else 0
+
+
+def significant_bits(pixels: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Stored values with the bits above BitsStored cleared (unsigned) or sign-extended (signed), as pydicom does."""
+    unused = _unused_bits(fmt)
+    if unused <= 0:
+        return pixels
+    if fmt.signed:
+        return (pixels << unused) >> unused
+    return pixels & np.asarray((1 << fmt.bits_stored) - 1, dtype=pixels.dtype)
+
+
+def store_native_frame(
+    dst: np.ndarray,
+    stored: np.ndarray,
+    fmt: PixelFormat,
+    slope: float,
+    intercept: float,
+    name: str,
+    *,
+    checked: bool = False,
+) -> None:
+    """``store_frame(dst, native_frame(...), ...)`` without the temporary frame in between.
+
+    The high bits are cleared (or sign-extended) while the stored values are
+    written into ``dst``, then the intercept is added in place, while the frame
+    is still in the cache. Integer arithmetic in ``dst``'s type is modular, so the
+    result is bit for bit that of :func:`store_frame` on the masked frame whenever
+    the true value fits, which :func:`output_type` checked from the headers.
+    Other cases (float output, checked ranges, a mismatched shape) take that path.
+
+    Parameters
+    ----------
+    dst : (rows, columns) ndarray
+        A view into the preallocated output.
+    stored : (rows, columns) ndarray
+        From :func:`native_stored`.
+    fmt : PixelFormat
+        The file's pixel format (BitsStored, signedness).
+    slope, intercept : float
+        Modality rescale.
+    name : str
+        For messages.
+    checked : bool
+        See :func:`store_frame`.
+    """
+    unused = _unused_bits(fmt)
+    integer_out = dst.dtype.kind in "iu" and slope == 1.0 and float(intercept).is_integer()
+    if unused <= 0 or checked or not integer_out or stored.shape != dst.shape:
+        store_frame(dst, significant_bits(stored, fmt), slope, intercept, name, checked=checked)
+        return
+    if fmt.signed:
+        if dst.dtype != stored.dtype:
+            store_frame(dst, significant_bits(stored, fmt), slope, intercept, name, checked=checked)
+            return
+        np.left_shift(stored, unused, out=dst)
+        np.right_shift(dst, unused, out=dst)
+    else:
+        mask = np.asarray((1 << fmt.bits_stored) - 1, dtype=stored.dtype)
+        np.bitwise_and(stored, mask, out=dst, casting="unsafe")
+    if intercept:
+        np.add(dst, np.asarray(int(intercept)).astype(dst.dtype), out=dst, casting="unsafe")
 
 
 # pydicom reports a failure of every plug-in as RuntimeError.

@@ -34,15 +34,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from core.dicom_fastread import quick_image, quick_path_allowed
 from core.dicom_geometry import (
     SAME_PLACE_TOLERANCE_MM,
     centred_affine,
@@ -79,10 +83,12 @@ from core.dicom_pixels import (
     PixelFormat,
     codec_problem,
     iter_frames,
-    native_frame,
+    native_stored,
     output_type,
     pixel_format,
+    significant_bits,
     store_frame,
+    store_native_frame,
     to_rgb8,
 )
 from core.errors import CoreError, LimitError, SeriesGeometryError, UnsupportedFileError
@@ -112,17 +118,43 @@ def is_dicom(data: bytes) -> bool:
     return sniff_bare_dataset(data) is not None
 
 
-@dataclass
+# One lock for parsing headers on demand: a Streamlit session and a worker thread may ask at once.
+_PARSE_LOCK = threading.Lock()
+
+
+@dataclass(eq=False)
 class _File:
-    """One readable DICOM image file of the scan."""
+    """One readable DICOM image file of the scan.
+
+    ``rows``, ``columns``, ``series_key``, ``segmentation`` and ``enhanced`` are
+    read once, when the file is scanned. ``ds`` (the pydicom header) is parsed on
+    first use when the file came through the fast path
+    (:mod:`core.dicom_fastread`): assembly reads it for the first file of a
+    volume only, and the header page when it shows a file.
+    """
 
     source: Source
-    ds: Dataset
     fmt: PixelFormat
     uid: UID
+    limits: Limits
+    rows: int = 0
+    columns: int = 0
+    series_key: tuple[Any, ...] = ()
+    segmentation: bool = False
+    enhanced: bool = False
     frames: list[Frame] = field(default_factory=list)
     mosaic: MosaicLayout | None = None
     duplicates: list[str] = field(default_factory=list)
+    parsed: Dataset | None = None
+
+    @property
+    def ds(self) -> Dataset:
+        """The header as :func:`core.dicom_headers.read_header` reads it (parsed once, then kept)."""
+        if self.parsed is None:
+            with _PARSE_LOCK:
+                if self.parsed is None:
+                    self.parsed = read_header(self.source, self.limits)
+        return self.parsed
 
     @property
     def name(self) -> str:
@@ -194,7 +226,7 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         try:
             plans.extend(_plan_group(group))
         except CoreError as err:
-            if len(group) > 1 and group[0].mosaic is None and is_enhanced(group[0].ds):
+            if len(group) > 1 and group[0].mosaic is None and group[0].enhanced:
                 plans.extend(_plan_enhanced_files_alone(group, err, result))
                 continue
             names = list(dict.fromkeys(f.name for f in group))
@@ -243,7 +275,7 @@ def _note_split_series(plans: list[_Plan]) -> None:
     """Say so when one Series Instance UID gave several volumes (never a silent split)."""
     by_series: dict[tuple[Any, ...], list[_Plan]] = defaultdict(list)
     for plan in plans:
-        by_series[_series_key(plan.first.ds)].append(plan)
+        by_series[plan.first.series_key].append(plan)
     for members in by_series.values():
         if len(members) < 2:
             continue
@@ -264,8 +296,10 @@ def _note_split_series(plans: list[_Plan]) -> None:
 
 
 def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -> list[_File]:
+    """Read every file's header once: plain image files through the fast path, others with pydicom."""
     files: list[_File] = []
     by_sop: dict[tuple[Any, ...], _File] = {}
+    quick_allowed = quick_path_allowed()
     for source in sources:
         if not is_dicom(source.data):
             result.errors.append(
@@ -275,12 +309,27 @@ def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -
             )
             continue
         try:
-            ds = read_header(source, limits)
-            reason = skip_reason(ds, source.data)
-            if reason:
-                result.skipped.append(Skipped(source.name, reason))
-                continue
-            sop = _instance_key(ds)
+            quick = quick_image(source.data, len(files), limits.max_voxels) if quick_allowed else None
+            item: _File | None = None
+            if quick is not None:
+                sop = quick.instance_key
+                item = _File(
+                    source=source,
+                    fmt=quick.fmt,
+                    uid=quick.transfer_syntax,
+                    limits=limits,
+                    rows=quick.rows,
+                    columns=quick.columns,
+                    series_key=quick.series_key,
+                    frames=[quick.frame],
+                )
+            else:
+                ds = read_header(source, limits)
+                reason = skip_reason(ds, source.data)
+                if reason:
+                    result.skipped.append(Skipped(source.name, reason))
+                    continue
+                sop = _instance_key(ds)
             if sop and sop in by_sop:
                 kept = by_sop[sop]
                 kept.duplicates.append(source.name)
@@ -290,8 +339,12 @@ def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -
                     )
                 )
                 continue
-            item = _File(source=source, ds=ds, fmt=pixel_format(ds), uid=transfer_syntax(ds))
-            _describe_frames(item, len(files), limits)
+            if item is None:
+                item = _File(source=source, fmt=pixel_format(ds), uid=transfer_syntax(ds), limits=limits, parsed=ds)
+                _describe_frames(item, len(files), limits)
+                item.series_key = _series_key(ds)
+                item.segmentation = is_segmentation(ds)
+                item.enhanced = is_enhanced(ds)
         except CoreError as err:
             result.errors.append(
                 Problem(source.name, err.message if source.name in err.message else f"{source.name}: {err.message}")
@@ -330,6 +383,7 @@ def _describe_frames(item: _File, index: int, limits: Limits) -> None:
     """Fill ``item.frames`` (and ``item.mosaic``) from its header."""
     ds = item.ds
     rows, columns, count = int(ds.Rows), int(ds.Columns), number_of_frames(ds)
+    item.rows, item.columns = rows, columns
     if rows <= 0 or columns <= 0:
         raise UnsupportedFileError(f"{item.name}: image of {rows}x{columns} pixels", source=item.name)
     # Checked before one record per frame is made: a header can claim 10^9 frames.
@@ -378,8 +432,7 @@ def _group_files(files: list[_File]) -> list[list[_File]]:
     groups: dict[tuple[Any, ...], list[_File]] = {}
     singles: list[list[_File]] = []
     for item in files:
-        ds = item.ds
-        common = (_series_key(ds), int(ds.Rows), int(ds.Columns), item.fmt.samples, item.fmt.is_rgb)
+        common = (item.series_key, item.rows, item.columns, item.fmt.samples, item.fmt.is_rgb)
         if item.mosaic is not None:
             frame = item.frames[0]
             key: tuple[Any, ...] = (
@@ -390,13 +443,13 @@ def _group_files(files: list[_File]) -> list[list[_File]]:
                 _round(frame.position, 2),
                 frame.split,
             )
-        elif is_segmentation(ds):
+        elif item.segmentation:
             singles.append([item])  # a SEG is one label volume, never stacked with images
             continue
         elif len(item.frames) == 1 and item.frames[0].has_geometry:
             frame = item.frames[0]
             key = ("stack", *common, _round(frame.pixel_spacing, 4), frame.split)
-        elif is_enhanced(ds) and item.frames and all(frame.has_geometry for frame in item.frames):
+        elif item.enhanced and item.frames and all(frame.has_geometry for frame in item.frames):
             # Enhanced files of one series are planned together: a series stored one
             # volume per file (fMRI, dynamic series) becomes one 4D volume, a volume
             # split over several files one 3D volume. Frames are split by echo, frame
@@ -417,7 +470,7 @@ def _plan_group(group: list[_File]) -> list[_Plan]:
     first = group[0]
     if first.mosaic is not None:
         return [_plan_mosaics(group)]
-    if is_segmentation(first.ds):
+    if first.segmentation:
         return [_plan_segmentation(first)]
     # Renumber frames to index into this group's file list.
     local = [_with_file(frame, n) for n, item in enumerate(group) for frame in item.frames]
@@ -538,8 +591,8 @@ def _plan_stack(group: list[_File], frames: list[Frame], label: str) -> _Plan:
         grid=grid,
         affine=geometry.affine,
         warnings=warnings,
-        rows=int(first.ds.Rows),
-        columns=int(first.ds.Columns),
+        rows=first.rows,
+        columns=first.columns,
     )
 
 
@@ -1111,9 +1164,39 @@ def _make_series(plan: _Plan, series_id: str, limits: Limits) -> Series:
         is_rgb=fmt_rgb,
     )
     loader = _make_loader(plan, info, out_type, fmt_rgb, has_lut, modality, _unit(ds, modality))
-    return Series(
-        info=info, loader=loader, headers=tuple(item.ds for item in files), files=tuple(item.source for item in files)
-    )
+    return Series(info=info, loader=loader, headers=_Headers(files), files=tuple(item.source for item in files))
+
+
+class _Headers(Sequence[Dataset]):
+    """The pydicom headers of a series' files in slice order, parsed when first asked for.
+
+    A scan of a plain series parses no header with pydicom (:mod:`core.dicom_fastread`);
+    the header page, de-identification and conversion ask for them, and get the
+    Datasets :func:`core.dicom_headers.read_header` returns (kept once parsed).
+    """
+
+    def __init__(self, files: Sequence[_File]) -> None:
+        self._files = tuple(files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @overload
+    def __getitem__(self, index: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Dataset]: ...
+
+    def __getitem__(self, index: int | slice) -> Dataset | list[Dataset]:
+        if isinstance(index, slice):
+            return [item.ds for item in self._files[index]]
+        return self._files[index].ds
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return (item.ds for item in self._files)
+
+    def __repr__(self) -> str:
+        return f"<{len(self._files)} DICOM headers>"
 
 
 # --- loading -----------------------------------------------------------------
@@ -1163,25 +1246,101 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
     for t, row in enumerate(plan.grid):
         for k, frame in enumerate(row):
             targets[frame.file][frame.index].append((t, k, frame))
-    for file_index, by_frame in targets.items():
+    # Uncompressed single frames are copied from the file bytes (no pydicom) by a few threads
+    # (numpy releases the GIL); everything else is decoded here in file order. The first
+    # error in file order is raised, as if the files were processed one after the other.
+    native: list[tuple[int, _File, np.ndarray, list[tuple[int, int, Frame]]]] = []
+    failure: tuple[int, Exception] | None = None
+    for position, (file_index, by_frame) in enumerate(targets.items()):
         item = plan.files[file_index]
         indices = None if list(by_frame) == [None] else sorted(i for i in by_frame if i is not None)
-        fast = None
+        stored = None
         if indices is None and not (is_rgb or has_lut):
-            rows, columns = int(item.ds.Rows), int(item.ds.Columns)
-            fast = native_frame(item.source.data, item.uid, rows, columns, item.fmt)
-        decoded = [(0, fast, item.ds)] if fast is not None else iter_frames(item.source.data, item.name, indices)
-        for number, pixels, full in decoded:
-            key: int | None = None if indices is None else number
-            if is_rgb:
-                pixels = to_rgb8(pixels, full, item.fmt, name=item.name)
-            elif has_lut:
-                pixels = _modality_lut(pixels, full, item.name)
-            for t, k, frame in by_frame[key]:
-                tile = pixels if plan.tiles is None else _tile(item, pixels, plan.tiles[k])
-                slope, intercept = (1.0, 0.0) if (is_rgb or has_lut) else (frame.slope, frame.intercept)
-                store_frame(buffer[t, k], tile, slope, intercept, item.name, checked=out_type.checked)
+            stored = native_stored(item.source.data, item.uid, item.rows, item.columns, item.fmt)
+        if stored is not None and plan.tiles is None:
+            native.append((position, item, stored, by_frame[None]))
+            continue
+        try:
+            _decode_file(plan, buffer, item, by_frame, indices, stored, out_type, is_rgb, has_lut)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the earlier files are stored
+            failure = (position, err)
+            break
+    if failure is not None:
+        native = [job for job in native if job[0] < failure[0]]
+    errors = [failure] if failure is not None else []
+    errors.extend(_store_native_files(buffer, native, out_type.checked))
+    if errors:
+        raise min(errors, key=lambda found: found[0])[1]
     return buffer
+
+
+def _decode_file(
+    plan: _Plan,
+    buffer: np.ndarray,
+    item: _File,
+    by_frame: dict[int | None, list[tuple[int, int, Frame]]],
+    indices: list[int] | None,
+    stored: np.ndarray | None,
+    out_type: OutputType,
+    is_rgb: bool,
+    has_lut: bool,
+) -> None:
+    """Decode the needed frames of one file (pydicom, or a native mosaic) into ``buffer``."""
+    decoded: Iterator[tuple[int, np.ndarray, Dataset | None]] | list[tuple[int, np.ndarray, Dataset | None]]
+    if stored is not None:
+        decoded = [(0, significant_bits(stored, item.fmt), None)]
+    else:
+        decoded = iter_frames(item.source.data, item.name, indices)
+    for number, pixels, full in decoded:
+        key: int | None = None if indices is None else number
+        if is_rgb:
+            assert full is not None
+            pixels = to_rgb8(pixels, full, item.fmt, name=item.name)
+        elif has_lut:
+            assert full is not None
+            pixels = _modality_lut(pixels, full, item.name)
+        for t, k, frame in by_frame[key]:
+            tile = pixels if plan.tiles is None else _tile(item, pixels, plan.tiles[k])
+            slope, intercept = (1.0, 0.0) if (is_rgb or has_lut) else (frame.slope, frame.intercept)
+            store_frame(buffer[t, k], tile, slope, intercept, item.name, checked=out_type.checked)
+
+
+# Below this many bytes of pixels, threads cost more than they save.
+_THREADED_BYTES = 16 * 1024**2
+_MAX_THREADS = 4
+
+
+def _store_native_files(
+    buffer: np.ndarray, jobs: list[tuple[int, _File, np.ndarray, list[tuple[int, int, Frame]]]], checked: bool
+) -> list[tuple[int, Exception]]:
+    """Store uncompressed frames with :func:`store_native_frame`, in a few threads for large series.
+
+    Each thread takes a contiguous run of files (so it fills a contiguous part of
+    ``buffer``) and stops at its first error. Returns the errors with their file
+    positions.
+    """
+
+    def run(part: list[tuple[int, _File, np.ndarray, list[tuple[int, int, Frame]]]]) -> list[tuple[int, Exception]]:
+        for position, item, stored, places in part:
+            try:
+                for t, k, frame in places:
+                    store_native_frame(
+                        buffer[t, k], stored, item.fmt, frame.slope, frame.intercept, item.name, checked=checked
+                    )
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which raises the first
+                return [(position, err)]
+        return []
+
+    if not jobs:
+        return []
+    total = sum(stored.nbytes for _, _, stored, _ in jobs)
+    threads = min(_MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if threads < 2 or total < _THREADED_BYTES:
+        return run(jobs)
+    size = -(-len(jobs) // threads)
+    parts = [jobs[start : start + size] for start in range(0, len(jobs), size)]
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="dicom-load") as pool:
+        return [error for found in pool.map(run, parts) for error in found]
 
 
 def _decode_segmentation(plan: _Plan, dtype: np.dtype) -> np.ndarray:

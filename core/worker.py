@@ -286,7 +286,11 @@ def sources_for_series(sources: Sequence[Source], series_sources: Sequence[str])
 
 
 def _run(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], limits: WorkerLimits, label: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limits: WorkerLimits,
+    label: str,
     started: float,
 ) -> tuple[str, Any]:
     payload, blobs = _dump((fn, args, kwargs))

@@ -42,7 +42,7 @@ if uploaded:
         sources = [Source(name=f.name, data=f.getvalue()) for f in uploaded]
         result = scan(sources, progress=lambda fraction, text: bar.progress(fraction, text=plain(text)))
         bar.empty()
-        set_scan(result, key)
+        set_scan(result, key, sources=sources)
 
 if st.button("Open sample scan", icon=":material/science:", type="primary" if not uploaded else "secondary"):
     set_scan(ScanResult(series=[sample_series()]), "sample")

@@ -445,9 +445,14 @@ def _scrolled(plane: str) -> None:
     pos[plane] = int(np.clip(pos[plane] + step, 0, n_slices(volume, plane) - 1))
 
 
+def _overlay_state() -> dict[str, Any]:
+    # setdefault, not []: a fragment can rerun after the session state was rebuilt.
+    return st.session_state.setdefault(OVERLAY, {"key": None, "volume": None, "error": ""})
+
+
 def load_overlay(upload: Any) -> Volume | None:
     """Read an uploaded label map once per upload; keep the error message if it cannot be used."""
-    state = st.session_state[OVERLAY]
+    state = _overlay_state()
     if upload is None:
         state.update(key=None, volume=None, error="")
         return None
@@ -681,8 +686,8 @@ def overlay_controls() -> list[LabelOverlay | ThresholdOverlay]:
                 help="Aligned through world coordinates; a different grid is resampled nearest-neighbour.",
             )
             labels_volume = load_overlay(upload)
-            if st.session_state[OVERLAY]["error"]:
-                show_error(st.session_state[OVERLAY]["error"])
+            if _overlay_state()["error"]:
+                show_error(_overlay_state()["error"])
             if labels_volume is not None:
                 present = label_values(labels_volume)
                 if not present:
@@ -755,7 +760,7 @@ def viewer() -> None:
         "slab": slab,
         "overlays": tuple(overlays),
     }
-    overlay_key = st.session_state[OVERLAY]["key"]  # the uploaded label map's file id
+    overlay_key = _overlay_state()["key"]  # the uploaded label map's file id
     overlay_token = tuple(
         (type(o).__name__, overlay_key, getattr(o, "lower", None), getattr(o, "upper", None), o.opacity)
         for o in overlays

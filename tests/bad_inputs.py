@@ -185,7 +185,10 @@ def _deflated_bomb() -> bytes:
     at = _pixel_element_offset(dataset)
     # A private (7FDF,1010) OB value of zeros just before the pixel data: deflates 1000:1.
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    chunks = [compressor.compress(dataset[:at]), compressor.compress(_explicit_element(0x7FDF, 0x1010, b"OB", b"", length=BOMB_BYTES))]
+    chunks = [
+        compressor.compress(dataset[:at]),
+        compressor.compress(_explicit_element(0x7FDF, 0x1010, b"OB", b"", length=BOMB_BYTES)),
+    ]
     zeros = bytes(1024**2)
     for _ in range(BOMB_BYTES // len(zeros)):
         chunks.append(compressor.compress(zeros))
@@ -545,7 +548,9 @@ def _png_giant() -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 # --------------------------------------------------------------------------- the corpus
@@ -574,156 +579,362 @@ def _corpus() -> list[BadInput]:
     entries = [
         # Not a medical file, wrong extension, empty.
         _entry("text-file", "not medical", [("notes.txt", b"hello, not a scan\n")], "refused", U),
-        _entry("html-named-dcm", "wrong extension", [("scan.dcm", b"<html><script>alert(1)</script></html>")], "refused", U),
+        _entry(
+            "html-named-dcm", "wrong extension", [("scan.dcm", b"<html><script>alert(1)</script></html>")], "refused", U
+        ),
         _entry("text-named-niigz", "wrong extension", [("brain.nii.gz", b"plain text, not gzip")], "refused", U),
         _entry("empty-file", "empty", [("empty.dcm", b"")], "refused", U),
         _entry("random-bytes", "not medical", [("blob.bin", np.random.default_rng(1).bytes(4096))], "refused", U),
-        _entry("png-named-dcm", "wrong extension", [("picture.dcm", _png())], "loads",
-               note="the bytes decide, not the name"),
+        _entry(
+            "png-named-dcm",
+            "wrong extension",
+            [("picture.dcm", _png())],
+            "loads",
+            note="the bytes decide, not the name",
+        ),
         # Truncated in the header / in the pixels.
         _entry("dicom-truncated-header", "truncated header", [("cut_header.dcm", ct()[:300])], "refused", U),
         _entry("dicom-truncated-pixels", "truncated pixels", [("cut_pixels.dcm", ct()[:-200])], "clean", U),
         _entry("nifti-truncated-header", "truncated header", [("cut.nii", _nifti()[:200])], "refused", U),
         _entry("nifti-truncated-pixels", "truncated pixels", [("short.nii", _nifti()[:-300])], "refused", U),
         _entry("niigz-truncated", "truncated pixels", [("short.nii.gz", _nifti(gz=True)[:-40])], "clean", U),
-        _entry("nrrd-truncated-pixels", "truncated pixels", [("short.nrrd", _nrrd(_NRRD_OK, raw8[:-100]))], "refused", U),
+        _entry(
+            "nrrd-truncated-pixels", "truncated pixels", [("short.nrrd", _nrrd(_NRRD_OK, raw8[:-100]))], "refused", U
+        ),
         _entry("mha-truncated-pixels", "truncated pixels", [("short.mha", _mha(_MHA_OK, raw8[:-100]))], "refused", U),
         _entry("png-truncated", "truncated pixels", [("half.png", _png(64, 64)[:-200])], "clean", U),
         # Declared image size larger than the pixel data.
-        _entry("dicom-declares-512x512-holds-6kb", "declared > data",
-               [("small_pixels.dcm", _declares_more_than_it_holds())], "clean", U),
+        _entry(
+            "dicom-declares-512x512-holds-6kb",
+            "declared > data",
+            [("small_pixels.dcm", _declares_more_than_it_holds())],
+            "clean",
+            U,
+        ),
         # Header-declared giant dimensions.
-        _entry("dicom-giant-dimensions", "giant dimensions",
-               [("giant.dcm", to_bytes(_with(_dicom_dataset(), Rows=65535, Columns=65535, NumberOfFrames=100000)))],
-               "refused", L),
-        _entry("nifti-giant-dimensions", "giant dimensions",
-               [("giant.nii", _patch_nifti(_nifti(), "<8h", _DIM, 3, 32767, 32767, 32767, 1, 1, 1, 1))], "refused", L),
-        _entry("nrrd-giant-dimensions", "giant dimensions",
-               [("giant.nrrd", _nrrd({**_NRRD_OK, "sizes": "100000 100000 100000"}, raw8))], "refused", L),
-        _entry("mha-giant-dimensions", "giant dimensions",
-               [("giant.mha", _mha(_mha_with(DimSize="100000 100000 100000"), raw8))], "refused", L),
+        _entry(
+            "dicom-giant-dimensions",
+            "giant dimensions",
+            [("giant.dcm", to_bytes(_with(_dicom_dataset(), Rows=65535, Columns=65535, NumberOfFrames=100000)))],
+            "refused",
+            L,
+        ),
+        _entry(
+            "nifti-giant-dimensions",
+            "giant dimensions",
+            [("giant.nii", _patch_nifti(_nifti(), "<8h", _DIM, 3, 32767, 32767, 32767, 1, 1, 1, 1))],
+            "refused",
+            L,
+        ),
+        _entry(
+            "nrrd-giant-dimensions",
+            "giant dimensions",
+            [("giant.nrrd", _nrrd({**_NRRD_OK, "sizes": "100000 100000 100000"}, raw8))],
+            "refused",
+            L,
+        ),
+        _entry(
+            "mha-giant-dimensions",
+            "giant dimensions",
+            [("giant.mha", _mha(_mha_with(DimSize="100000 100000 100000"), raw8))],
+            "refused",
+            L,
+        ),
         _entry("png-giant-dimensions", "giant dimensions", [("giant.png", _png_giant())], "refused", L),
         # Decompression bombs.
         _entry("dicom-deflate-bomb", "decompression bomb", [("deflated.dcm", _deflated_bomb())], "refused", L),
         _entry("niigz-bomb", "decompression bomb", [("bomb.nii.gz", _nifti_gz_bomb())], "load_fails", L),
-        _entry("nrrd-gzip-bomb", "decompression bomb",
-               [("bomb.nrrd", _nrrd({**_NRRD_OK, "encoding": "gzip"}, _bomb_stream(raw8, 31)))], "load_fails", L),
-        _entry("mha-zlib-bomb", "decompression bomb",
-               [("bomb.mha", _mha(_mha_with(CompressedData="True"), _bomb_stream(raw8, 15)))], "load_fails", L),
+        _entry(
+            "nrrd-gzip-bomb",
+            "decompression bomb",
+            [("bomb.nrrd", _nrrd({**_NRRD_OK, "encoding": "gzip"}, _bomb_stream(raw8, 31)))],
+            "load_fails",
+            L,
+        ),
+        _entry(
+            "mha-zlib-bomb",
+            "decompression bomb",
+            [("bomb.mha", _mha(_mha_with(CompressedData="True"), _bomb_stream(raw8, 15)))],
+            "load_fails",
+            L,
+        ),
         _entry("zip-bomb", "decompression bomb", [("bomb.zip", _zip_bomb())], "refused", L),
         _entry("zip-lying-sizes", "decompression bomb", [("liar.zip", _zip_lying_sizes())], "refused"),
         # Element lengths past the end of the file.
-        _entry("dicom-element-length-past-end", "length past end", [("long_element.dcm", _length_past_end())],
-               "refused"),
-        _entry("dicom-short-element-past-end", "length past end", [("long_lo.dcm", _length_past_end(b"LO"))],
-               "refused"),
-        _entry("dicom-pixel-length-past-end", "length past end", [("long_pixels.dcm", _pixel_length_past_end())],
-               "clean", U),
+        _entry(
+            "dicom-element-length-past-end", "length past end", [("long_element.dcm", _length_past_end())], "refused"
+        ),
+        _entry(
+            "dicom-short-element-past-end", "length past end", [("long_lo.dcm", _length_past_end(b"LO"))], "refused"
+        ),
+        _entry(
+            "dicom-pixel-length-past-end",
+            "length past end",
+            [("long_pixels.dcm", _pixel_length_past_end())],
+            "clean",
+            U,
+        ),
         # Deeply nested sequences.
-        _entry("dicom-nested-sequences", "nested sequences", [("nested.dcm", _nested_sequences(100_000))],
-               "refused", U),
+        _entry(
+            "dicom-nested-sequences", "nested sequences", [("nested.dcm", _nested_sequences(100_000))], "refused", U
+        ),
         # Invalid VR in the file meta.
         _entry("dicom-meta-invalid-vr", "invalid VR in meta", [("bad_vr.dcm", _meta_invalid_vr())], "clean"),
         # Corrupt JPEG / JPEG 2000 / RLE fragments.
-        _entry("dicom-jpeg-scrambled", "corrupt codec stream",
-               [("jpeg_bad.dcm", _corrupt_fragments(_marked_testdata("SC_rgb_jpeg_gdcm.dcm"), _scramble))], "clean"),
-        _entry("dicom-jpeg-truncated", "corrupt codec stream",
-               [("jpeg_cut.dcm", _corrupt_fragments(_marked_testdata("JPEG-lossy.dcm"), _truncate_half))], "clean"),
-        _entry("dicom-j2k-scrambled", "corrupt codec stream",
-               [("j2k_bad.dcm", _corrupt_fragments(_marked_testdata("JPEG2000.dcm"), _scramble))], "clean"),
-        _entry("dicom-j2k-truncated", "corrupt codec stream",
-               [("j2k_cut.dcm", _corrupt_fragments(_marked_testdata("MR_small_jp2klossless.dcm"), _truncate_half))],
-               "clean"),
-        _entry("dicom-rle-scrambled", "corrupt codec stream",
-               [("rle_bad.dcm", _corrupt_fragments(_marked_testdata("MR_small_RLE.dcm"), _scramble))], "clean"),
-        _entry("dicom-rle-truncated", "corrupt codec stream",
-               [("rle_cut.dcm", _corrupt_fragments(_marked_testdata("MR_small_RLE.dcm"), _truncate_half))], "clean"),
+        _entry(
+            "dicom-jpeg-scrambled",
+            "corrupt codec stream",
+            [("jpeg_bad.dcm", _corrupt_fragments(_marked_testdata("SC_rgb_jpeg_gdcm.dcm"), _scramble))],
+            "clean",
+        ),
+        _entry(
+            "dicom-jpeg-truncated",
+            "corrupt codec stream",
+            [("jpeg_cut.dcm", _corrupt_fragments(_marked_testdata("JPEG-lossy.dcm"), _truncate_half))],
+            "clean",
+        ),
+        _entry(
+            "dicom-j2k-scrambled",
+            "corrupt codec stream",
+            [("j2k_bad.dcm", _corrupt_fragments(_marked_testdata("JPEG2000.dcm"), _scramble))],
+            "clean",
+        ),
+        _entry(
+            "dicom-j2k-truncated",
+            "corrupt codec stream",
+            [("j2k_cut.dcm", _corrupt_fragments(_marked_testdata("MR_small_jp2klossless.dcm"), _truncate_half))],
+            "clean",
+        ),
+        _entry(
+            "dicom-rle-scrambled",
+            "corrupt codec stream",
+            [("rle_bad.dcm", _corrupt_fragments(_marked_testdata("MR_small_RLE.dcm"), _scramble))],
+            "clean",
+        ),
+        _entry(
+            "dicom-rle-truncated",
+            "corrupt codec stream",
+            [("rle_cut.dcm", _corrupt_fragments(_marked_testdata("MR_small_RLE.dcm"), _truncate_half))],
+            "clean",
+        ),
         # LUT or overlay descriptors inconsistent with their data.
         _entry("dicom-modality-lut-short", "inconsistent LUT", [("lut.dcm", _modality_lut_inconsistent())], "clean"),
         _entry("dicom-palette-short", "inconsistent LUT", [("palette.dcm", _palette_inconsistent())], "clean"),
         _entry("dicom-overlay-short", "inconsistent overlay", [("overlay.dcm", _overlay_inconsistent())], "clean"),
         _entry("dicom-voi-lut-short", "inconsistent LUT", [("voi.dcm", _voi_lut_inconsistent())], "clean"),
         # References to other files.
-        _entry("mhd-etc-passwd", "file reference", [("passwd.mhd", _mha(_mha_with(ElementDataFile=SERVER_FILE)))],
-               "refused", U),
-        _entry("mhd-dotdot", "file reference",
-               [("up.mhd", _mha(_mha_with(ElementDataFile="../../../../etc/passwd")))], "refused", U),
-        _entry("mhd-url", "file reference", [("url.mhd", _mha(_mha_with(ElementDataFile="file:///etc/passwd")))],
-               "refused", U),
-        _entry("nhdr-etc-passwd", "file reference",
-               [("passwd.nhdr", _nrrd({**_NRRD_OK, "data file": SERVER_FILE}, detached=True))], "refused", U),
-        _entry("nhdr-dotdot", "file reference",
-               [("up.nhdr", _nrrd({**_NRRD_OK, "data file": "../../etc/passwd"}, detached=True)),
-                ("data/passwd", b"root:x:0:0:root:/root:/bin/bash\n")], "clean",
-               note="the uploaded file named passwd is not read through '..'"),
-        _entry("nhdr-list-traversal", "file reference",
-               [("list.nhdr", _nrrd_list(["../a.raw", SERVER_FILE]))],
-               "refused", U),
+        _entry(
+            "mhd-etc-passwd",
+            "file reference",
+            [("passwd.mhd", _mha(_mha_with(ElementDataFile=SERVER_FILE)))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "mhd-dotdot",
+            "file reference",
+            [("up.mhd", _mha(_mha_with(ElementDataFile="../../../../etc/passwd")))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "mhd-url",
+            "file reference",
+            [("url.mhd", _mha(_mha_with(ElementDataFile="file:///etc/passwd")))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "nhdr-etc-passwd",
+            "file reference",
+            [("passwd.nhdr", _nrrd({**_NRRD_OK, "data file": SERVER_FILE}, detached=True))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "nhdr-dotdot",
+            "file reference",
+            [
+                ("up.nhdr", _nrrd({**_NRRD_OK, "data file": "../../etc/passwd"}, detached=True)),
+                ("data/passwd", b"root:x:0:0:root:/root:/bin/bash\n"),
+            ],
+            "clean",
+            note="the uploaded file named passwd is not read through '..'",
+        ),
+        _entry(
+            "nhdr-list-traversal",
+            "file reference",
+            [("list.nhdr", _nrrd_list(["../a.raw", SERVER_FILE]))],
+            "refused",
+            U,
+        ),
         _entry("dicomdir-outside-paths", "file reference", [_dicomdir_outside()], "skipped"),
         # Zip slip, absolute names, symlinks, nested zips, many members, encrypted and truncated zips.
-        _entry("zip-slip", "hostile zip", [("slip.zip", _zip([("../../../../tmp/tomoforge_slip.dcm", ct())]))], "loads"),
+        _entry(
+            "zip-slip", "hostile zip", [("slip.zip", _zip([("../../../../tmp/tomoforge_slip.dcm", ct())]))], "loads"
+        ),
         _entry("zip-absolute-name", "hostile zip", [("abs.zip", _zip([("/etc/cron.d/tomoforge.dcm", ct())]))], "loads"),
         _entry("zip-symlink", "hostile zip", [("link.zip", _zip_symlink())], "refused", U),
         _entry("zip-nested", "hostile zip", [("nested.zip", _nested_zip(4))], "refused", L),
         _entry("zip-many-members", "hostile zip", [("many.zip", _zip_many_members(20_001))], "refused", L),
         _entry("zip-encrypted", "hostile zip", [("locked.zip", _zip_encrypted())], "refused", U),
-        _entry("zip-truncated", "hostile zip", [("cut.zip", _zip([("a.dcm", ct()), ("b.dcm", ct())])[:700])], "refused", U),
+        _entry(
+            "zip-truncated", "hostile zip", [("cut.zip", _zip([("a.dcm", ct()), ("b.dcm", ct())])[:700])], "refused", U
+        ),
         # NaN / Inf / zero affines, negative dimensions, vox_offset past the end.
-        _entry("nifti-nan-sform", "broken geometry",
-               [("nan.nii", _patch_nifti(_nifti(codes=(0, 1)), "<4f", _SROW_X, *[float("nan")] * 4))],
-               "clean"),
-        _entry("nifti-zero-pixdim", "broken geometry",
-               [("zero.nii", _patch_nifti(_nifti(codes=(0, 0)), "<8f", _PIXDIM, *[0.0] * 8))],
-               "refused", G),
-        _entry("nifti-inf-pixdim", "broken geometry",
-               [("inf.nii", _patch_nifti(_nifti(codes=(0, 0)), "<4f", _PIXDIM, 1.0, *[float("inf")] * 3))],
-               "refused", G),
-        _entry("nifti-negative-dim", "negative dimensions",
-               [("neg.nii", _patch_nifti(_nifti(), "<4h", _DIM, 3, -8, 8, 8))], "refused", U),
-        _entry("nifti-vox-offset-past-end", "vox_offset past the end",
-               [("far.nii", _patch_nifti(_nifti(), "<f", _VOX_OFFSET, 1_000_000.0))], "refused", U),
-        _entry("nifti-vox-offset-huge", "vox_offset past the end",
-               [("huge_offset.nii", _patch_nifti(_nifti(), "<f", _VOX_OFFSET, 1e15))], "refused", U),
-        _entry("nifti-slope-nan", "slope 0 or NaN",
-               [("nan_slope.nii", _patch_nifti(_nifti(), "<f", _SCL_SLOPE, float("nan")))], "loads"),
-        _entry("dicom-nan-orientation", "broken geometry",
-               [("nan_iop.dcm", to_bytes(_with(_dicom_dataset(), ImageOrientationPatient=["NaN"] * 6)))], "refused", U),
-        _entry("dicom-zero-orientation", "broken geometry",
-               [("zero_iop.dcm", to_bytes(_with(_dicom_dataset(), ImageOrientationPatient=[0] * 6)))], "refused"),
-        _entry("dicom-zero-spacing", "broken geometry",
-               [("zero_spacing.dcm", to_bytes(_with(_dicom_dataset(), PixelSpacing=[0, 0])))], "clean"),
-        _entry("dicom-non-numeric-spacing", "broken geometry",
-               [("text_spacing.dcm", _text_in_numbers())], "refused", U),
-        _entry("nrrd-inf-directions", "broken geometry",
-               [("inf.nrrd", _nrrd({**_NRRD_OK, "space directions": "(inf,0,0) (0,1,0) (0,0,1)"}, raw8))],
-               "refused", G),
-        _entry("nrrd-negative-size", "negative dimensions",
-               [("neg.nrrd", _nrrd({**_NRRD_OK, "sizes": "-8 8 8"}, raw8))], "refused", U),
-        _entry("mha-zero-spacing", "broken geometry",
-               [("zero.mha", _mha(_mha_with(ElementSpacing="0 0 0"), raw8))], "refused", G),
-        _entry("mha-negative-dim", "negative dimensions",
-               [("neg.mha", _mha(_mha_with(DimSize="-8 8 8"), raw8))], "refused", U),
-        _entry("mha-nan-offset", "broken geometry",
-               [("nan.mha", _mha(_mha_with(Offset="nan 0 0"), raw8))], "refused", G),
+        _entry(
+            "nifti-nan-sform",
+            "broken geometry",
+            [("nan.nii", _patch_nifti(_nifti(codes=(0, 1)), "<4f", _SROW_X, *[float("nan")] * 4))],
+            "clean",
+        ),
+        _entry(
+            "nifti-zero-pixdim",
+            "broken geometry",
+            [("zero.nii", _patch_nifti(_nifti(codes=(0, 0)), "<8f", _PIXDIM, *[0.0] * 8))],
+            "refused",
+            G,
+        ),
+        _entry(
+            "nifti-inf-pixdim",
+            "broken geometry",
+            [("inf.nii", _patch_nifti(_nifti(codes=(0, 0)), "<4f", _PIXDIM, 1.0, *[float("inf")] * 3))],
+            "refused",
+            G,
+        ),
+        _entry(
+            "nifti-negative-dim",
+            "negative dimensions",
+            [("neg.nii", _patch_nifti(_nifti(), "<4h", _DIM, 3, -8, 8, 8))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "nifti-vox-offset-past-end",
+            "vox_offset past the end",
+            [("far.nii", _patch_nifti(_nifti(), "<f", _VOX_OFFSET, 1_000_000.0))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "nifti-vox-offset-huge",
+            "vox_offset past the end",
+            [("huge_offset.nii", _patch_nifti(_nifti(), "<f", _VOX_OFFSET, 1e15))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "nifti-slope-nan",
+            "slope 0 or NaN",
+            [("nan_slope.nii", _patch_nifti(_nifti(), "<f", _SCL_SLOPE, float("nan")))],
+            "loads",
+        ),
+        _entry(
+            "dicom-nan-orientation",
+            "broken geometry",
+            [("nan_iop.dcm", to_bytes(_with(_dicom_dataset(), ImageOrientationPatient=["NaN"] * 6)))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "dicom-zero-orientation",
+            "broken geometry",
+            [("zero_iop.dcm", to_bytes(_with(_dicom_dataset(), ImageOrientationPatient=[0] * 6)))],
+            "refused",
+        ),
+        _entry(
+            "dicom-zero-spacing",
+            "broken geometry",
+            [("zero_spacing.dcm", to_bytes(_with(_dicom_dataset(), PixelSpacing=[0, 0])))],
+            "clean",
+        ),
+        _entry(
+            "dicom-non-numeric-spacing", "broken geometry", [("text_spacing.dcm", _text_in_numbers())], "refused", U
+        ),
+        _entry(
+            "nrrd-inf-directions",
+            "broken geometry",
+            [("inf.nrrd", _nrrd({**_NRRD_OK, "space directions": "(inf,0,0) (0,1,0) (0,0,1)"}, raw8))],
+            "refused",
+            G,
+        ),
+        _entry(
+            "nrrd-negative-size",
+            "negative dimensions",
+            [("neg.nrrd", _nrrd({**_NRRD_OK, "sizes": "-8 8 8"}, raw8))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "mha-zero-spacing",
+            "broken geometry",
+            [("zero.mha", _mha(_mha_with(ElementSpacing="0 0 0"), raw8))],
+            "refused",
+            G,
+        ),
+        _entry(
+            "mha-negative-dim",
+            "negative dimensions",
+            [("neg.mha", _mha(_mha_with(DimSize="-8 8 8"), raw8))],
+            "refused",
+            U,
+        ),
+        _entry(
+            "mha-nan-offset", "broken geometry", [("nan.mha", _mha(_mha_with(Offset="nan 0 0"), raw8))], "refused", G
+        ),
         # BitsStored > BitsAllocated, slope 0 or NaN.
-        _entry("dicom-bits-stored-above-allocated", "bits stored",
-               [("bits.dcm", to_bytes(_with(_dicom_dataset(), BitsStored=32, HighBit=31)))], "clean"),
-        _entry("dicom-slope-zero", "slope 0 or NaN",
-               [("slope0.dcm", to_bytes(_with(_dicom_dataset(), RescaleSlope="0")))], "loads"),
-        _entry("dicom-slope-nan", "slope 0 or NaN",
-               [("slope_nan.dcm", to_bytes(_with(_dicom_dataset(), RescaleSlope="NaN")))], "refused", U),
+        _entry(
+            "dicom-bits-stored-above-allocated",
+            "bits stored",
+            [("bits.dcm", to_bytes(_with(_dicom_dataset(), BitsStored=32, HighBit=31)))],
+            "clean",
+        ),
+        _entry(
+            "dicom-slope-zero",
+            "slope 0 or NaN",
+            [("slope0.dcm", to_bytes(_with(_dicom_dataset(), RescaleSlope="0")))],
+            "loads",
+        ),
+        _entry(
+            "dicom-slope-nan",
+            "slope 0 or NaN",
+            [("slope_nan.dcm", to_bytes(_with(_dicom_dataset(), RescaleSlope="NaN")))],
+            "refused",
+            U,
+        ),
         # Odd character sets; HTML / Markdown / formula text in header values and file names.
-        _entry("dicom-unknown-charset", "character set",
-               [("charset.dcm", to_bytes(_with(_dicom_dataset(), SpecificCharacterSet="ISO_IR 999")))], "loads"),
+        _entry(
+            "dicom-unknown-charset",
+            "character set",
+            [("charset.dcm", to_bytes(_with(_dicom_dataset(), SpecificCharacterSet="ISO_IR 999")))],
+            "loads",
+        ),
         _entry("dicom-broken-utf8", "character set", [("utf8.dcm", _broken_utf8())], "loads"),
-        _entry("dicom-markup-everywhere", "markup in values and names",
-               [("=HYPERLINK(\"http://x\")<b>[x](y)</b>.dcm",
-                 to_bytes(_dicom_dataset(description="<script>alert(1)</script> **bold** =1+1 @SUM(A1)")))], "loads"),
-        _entry("nifti-markup-descrip", "markup in values and names",
-               [("<img src=x onerror=alert(1)>.nii", _nifti(descrip=b"<script>alert(1)</script>"))], "loads"),
+        _entry(
+            "dicom-markup-everywhere",
+            "markup in values and names",
+            [
+                (
+                    '=HYPERLINK("http://x")<b>[x](y)</b>.dcm',
+                    to_bytes(_dicom_dataset(description="<script>alert(1)</script> **bold** =1+1 @SUM(A1)")),
+                )
+            ],
+            "loads",
+        ),
+        _entry(
+            "nifti-markup-descrip",
+            "markup in values and names",
+            [("<img src=x onerror=alert(1)>.nii", _nifti(descrip=b"<script>alert(1)</script>"))],
+            "loads",
+        ),
         # A noise volume: harmless to load, millions of triangles at any threshold.
-        _entry("noise-volume", "noise volume", [("noise.nii", _noise_nifti(64))], "loads",
-               note="meshing it must stop at the triangle cap"),
+        _entry(
+            "noise-volume",
+            "noise volume",
+            [("noise.nii", _noise_nifti(64))],
+            "loads",
+            note="meshing it must stop at the triangle cap",
+        ),
     ]
     return [_tagged(entry) for entry in entries]
 

@@ -125,7 +125,9 @@ def test_scan_answers_every_file_clearly(entry: BadInput) -> None:
         assert result.series, [p.message for p in result.errors]
 
 
-@pytest.mark.parametrize("entry", by_expect("loads", "load_fails", "clean"), ids=ids(by_expect("loads", "load_fails", "clean")))
+@pytest.mark.parametrize(
+    "entry", by_expect("loads", "load_fails", "clean"), ids=ids(by_expect("loads", "load_fails", "clean"))
+)
 def test_loading_fails_cleanly_or_gives_a_valid_volume(entry: BadInput) -> None:
     result = scan(list(entry.sources))
     for index, series in enumerate(result.series):

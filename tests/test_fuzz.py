@@ -209,14 +209,18 @@ def dicom_files(draw: st.DrawFn) -> list[Source]:
     ds.HighBit = draw(st.integers(0, 40))
     ds.PixelRepresentation = draw(st.integers(0, 2))
     ds.SamplesPerPixel = draw(st.sampled_from([1, 2, 3, 4]))
-    ds.PhotometricInterpretation = draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR", "XYZ"]))
+    ds.PhotometricInterpretation = draw(
+        st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR", "XYZ"])
+    )
     if draw(st.booleans()):
         ds.NumberOfFrames = draw(st.integers(0, 5))
     if draw(st.booleans()):
         ds.PlanarConfiguration = draw(st.integers(0, 2))
     for keyword, count in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2)):
         if draw(st.booleans()):
-            values = draw(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=count - 1, max_size=count + 1))
+            values = draw(
+                st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=count - 1, max_size=count + 1)
+            )
             setattr(ds, keyword, [f"{v:.6g}" for v in values])
     if draw(st.booleans()):
         ds.RescaleSlope = f"{draw(st.floats(-1e6, 1e6, allow_nan=False, width=32)):.6g}"
@@ -240,7 +244,9 @@ def _valid_file(kind: str) -> bytes:
     if kind == "nifti":
         return nib.Nifti1Image(values, np.eye(4)).to_bytes()
     if kind == "nrrd":
-        return b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 3\nendian: little\nencoding: raw\n\n" + values.tobytes("F")
+        return b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 3\nendian: little\nencoding: raw\n\n" + values.tobytes(
+            "F"
+        )
     if kind == "mha":
         return b"NDims = 3\nDimSize = 4 4 3\nElementType = MET_SHORT\nElementDataFile = LOCAL\n" + values.tobytes("F")
     from PIL import Image
@@ -317,7 +323,10 @@ def irregular_stacks(draw: st.DrawFn) -> list[Source]:
     """Stacks broken like real uploads: missing, repeated or shifted slices, mixed orientations."""
     slices = draw(st.integers(2, 7))
     pixels = np.ones((slices, 4, 5), dtype=np.int16)
-    positions = [[0.0, 0.0, float(z)] for z in draw(st.lists(st.floats(-20, 20, allow_nan=False), min_size=slices, max_size=slices))]
+    positions = [
+        [0.0, 0.0, float(z)]
+        for z in draw(st.lists(st.floats(-20, 20, allow_nan=False), min_size=slices, max_size=slices))
+    ]
     overrides = {}
     if draw(st.booleans()):
         overrides[draw(st.integers(0, slices - 1))] = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -98,12 +98,6 @@ def test_two_sessions_see_only_their_own_upload(monkeypatch: pytest.MonkeyPatch)
         assert [s.data for s in at.session_state["sources"]] == [_nifti(expected)]
 
 
-@pytest.mark.xfail(
-    reason="pages/viewer.py names exports from the view settings only (view_file_name suffix = "
-    "settings_token(info.id, options['token'])): two sessions with equal settings offer the same name. "
-    "Adding st.session_state[UPLOAD_KEY] to that token fixes it.",
-    strict=False,
-)
 def test_two_sessions_never_offer_downloads_under_one_name(monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = (offered for _, _, offered in _two_sessions(monkeypatch).values())
     assert first and second
@@ -176,7 +170,9 @@ def test_no_module_global_is_mutated_at_run_time() -> None:
 
 
 def test_the_global_check_finds_a_per_user_cache() -> None:
-    tree = ast.parse("SEEN = {}\ndef remember(key, value):\n    SEEN[key] = value\nCACHE = []\ndef keep(x):\n    CACHE.append(x)\n")
+    tree = ast.parse(
+        "SEEN = {}\ndef remember(key, value):\n    SEEN[key] = value\nCACHE = []\ndef keep(x):\n    CACHE.append(x)\n"
+    )
     assert _mutated_in_functions(tree, _module_mutables(tree)) == {"SEEN", "CACHE"}
 
 
