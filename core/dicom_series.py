@@ -200,7 +200,7 @@ class _Plan:
         return len(self.grid)
 
 
-def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanResult:
+def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS, *, fast_path: bool = True) -> ScanResult:
     """Group DICOM files into loadable volumes, reading headers only.
 
     Parameters
@@ -209,6 +209,10 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         DICOM files of one upload (other files end up in ``errors``).
     limits : Limits
         ``max_voxels`` caps the size of each volume.
+    fast_path : bool
+        Read plain image files without pydicom (:mod:`core.dicom_fastread`). The
+        result is the same either way; False reads every header with pydicom
+        (the tests compare the two).
 
     Returns
     -------
@@ -220,7 +224,7 @@ def scan_dicom(sources: list[Source], limits: Limits = DEFAULT_LIMITS) -> ScanRe
         Every input file appears in exactly one of series sources, skipped or errors.
     """
     result = ScanResult()
-    files = _read_files(sources, result, limits)
+    files = _read_files(sources, result, limits, fast_path=fast_path)
     plans: list[_Plan] = []
     for group in _group_files(files):
         try:
@@ -295,11 +299,11 @@ def _note_split_series(plans: list[_Plan]) -> None:
 # --- reading -----------------------------------------------------------------
 
 
-def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits) -> list[_File]:
+def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits, *, fast_path: bool) -> list[_File]:
     """Read every file's header once: plain image files through the fast path, others with pydicom."""
     files: list[_File] = []
     by_sop: dict[tuple[Any, ...], _File] = {}
-    quick_allowed = quick_path_allowed()
+    quick_allowed = fast_path and quick_path_allowed()
     for source in sources:
         if not is_dicom(source.data):
             result.errors.append(
