@@ -36,6 +36,7 @@ from isal import isal_zlib
 from pydicom.dataset import Dataset
 
 from core.dicom_export import export_dicom_series
+from core.deidentify import safe_description
 from core.errors import CoreError, SeriesGeometryError
 from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_storage, write_nifti
 from core.qa import QAReport, SliceStack, report_from_stack, slice_stack
@@ -533,8 +534,9 @@ def output_stem(series: Series) -> str:
         description = re.sub(
             r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|hdr|img|gz|png|jpe?g|tiff?)$", "", description, flags=re.I
         )
-    parts = [part for part in (number, sanitize_name(description)) if part]
-    return "_".join(parts) or sanitize_name(series.info.id) or "series"
+    # Descriptions and file names can hold a patient's name: keep technical words only.
+    parts = [part for part in (number, sanitize_name(safe_description(description))) if part]
+    return "_".join(parts) or "series"
 
 
 def download_name(name: str, data: bytes) -> str:

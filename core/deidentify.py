@@ -880,6 +880,10 @@ _SAFE_WORDS = frozenset(
     ankle wrist hand foot cardiac heart liver kidney body whole extremity bone bones soft tissue
     contrast native pre post arterial venous portal delayed standard sharp smooth kernel recon
     hu mm cm ms sec kv mas bit int8 uint8 int16 uint16 int32 uint32 float32 float64
+    field mapping map maps asc desc ascending descending rest resting state task multi single echo spin
+    gradient inversion recovery fat water sat saturation suppression mip minip mpr reformat reformatted
+    reconstruction mediastinum window dose bolus tracking calcium score iterative filtered
+    sample synthetic phantom test calibration
     with without and of in on at to from by
     """.split()
 )

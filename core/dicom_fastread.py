@@ -84,7 +84,7 @@ def _tag(keyword: str) -> int:
 _KEYWORDS = (
     "ImageType", "SOPClassUID", "SOPInstanceUID", "AcquisitionTime", "ContentTime", "Manufacturer",
     "SeriesDescription", "ProtocolName", "SliceThickness", "EchoNumbers", "SpacingBetweenSlices", "TriggerTime",
-    "SeriesInstanceUID", "AcquisitionNumber", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "AcquisitionNumber", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
     "TemporalPositionIdentifier", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows",
     "Columns", "PixelSpacing", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleIntercept",
     "RescaleSlope",
@@ -396,6 +396,21 @@ def _exactly(raw: bytes | None, count: int) -> list[float] | None:
     return numbers
 
 
+def _integer_text(raw: bytes | None) -> str:
+    """An IS value as ``str(ds.get(keyword, ""))`` gives it: the number as written, without spaces."""
+    if raw is None:
+        return ""
+    if not raw:
+        raise _Unusual  # pydicom's value is None, whose str() is "None"
+    text = _text(raw)
+    assert text is not None
+    if not text.strip(" "):
+        return ""
+    if not _IS_ITEM(text):
+        raise _Unusual
+    return text.strip(" ")
+
+
 def _us(raw: bytes | None) -> int | None:
     """A single US value; None when absent or empty."""
     if raw is None or not raw:
@@ -509,12 +524,19 @@ def _quick_image(data: bytes, file: int, max_voxels: int) -> QuickImage | None:
     # _instance_key() and _series_key()
     instance_key: tuple[Any, ...] = ()
     if sop_uid:
-        instance_text = _text(get(t["InstanceNumber"]))
         located = tuple(round(v, 2) for v in position) if position else ()
-        instance_key = (sop_uid, located, "" if instance_text is None else instance_text.strip())
+        instance_key = (sop_uid, located, _integer_text(get(t["InstanceNumber"])))
     series_uid = _uid(get(t["SeriesInstanceUID"]))
-    if not series_uid:
-        return None  # the fallback key reads more attributes
+    if series_uid:
+        series_key: tuple[Any, ...] = (series_uid,)
+    else:
+        # No UID (stripped exports): what names a series in a study, as _series_key() builds it.
+        series_key = (
+            "",
+            _uid(get(t["StudyInstanceUID"])),
+            _integer_text(get(t["SeriesNumber"])),
+            _text(get(t["SeriesDescription"])) or "",
+        )
     return QuickImage(
         transfer_syntax=uid,
         fmt=fmt,
@@ -522,5 +544,5 @@ def _quick_image(data: bytes, file: int, max_voxels: int) -> QuickImage | None:
         columns=columns,
         frame=frame,
         instance_key=instance_key,
-        series_key=(series_uid,),
+        series_key=series_key,
     )

@@ -11,6 +11,7 @@ import io
 import os
 import zipfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -193,17 +194,41 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
     """Read files and folders (recursively) from disk for the CLI, pooled as one upload.
 
     Symbolic links are not followed inside folders. Names are relative to the
-    argument they came from.
+    argument they came from. Files are read by a few threads (a read releases the
+    GIL, and on a 300-file series the kernel's copying is most of the time); the
+    list keeps the order of the arguments and of sorted folder entries, and the
+    first error in that order is raised.
     """
-    sources: list[Source] = []
+    # (name, path to read) or (argument, None) for an argument that does not exist.
+    entries: list[tuple[str, Path | None]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for file in sorted(path.rglob("*")):
                 if file.is_file() and not file.is_symlink():
-                    sources.append(Source(name=f"{path.name}/{file.relative_to(path).as_posix()}", data=file.read_bytes()))
+                    entries.append((f"{path.name}/{file.relative_to(path).as_posix()}", file))
         elif path.is_file():
-            sources.append(Source(name=path.name, data=path.read_bytes()))
+            entries.append((path.name, path))
         else:
-            raise UnsupportedFileError(f"{raw}: no such file or folder", source=str(raw))
+            entries.append((str(raw), None))
+            break  # nothing after it is read: the error is raised when the files before it are in
+
+    def read(entry: tuple[str, Path | None]) -> bytes | None:
+        return None if entry[1] is None else entry[1].read_bytes()
+
+    threads = min(_READ_THREADS, len(entries))
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-paths") as pool:
+            contents = list(pool.map(read, entries))
+    else:
+        contents = [read(entry) for entry in entries]
+    sources: list[Source] = []
+    for (name, _), data in zip(entries, contents, strict=True):
+        if data is None:
+            raise UnsupportedFileError(f"{name}: no such file or folder", source=name)
+        sources.append(Source(name=name, data=data))
     return sources
+
+
+# Two cores share the page-cache copying; more threads only add contention.
+_READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

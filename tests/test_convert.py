@@ -630,9 +630,9 @@ def test_names_are_sanitised_like_dcm2niix() -> None:
 
 
 def test_batch_converts_every_series_into_one_zip() -> None:
-    first = make_series(np.zeros((3, 4, 5), dtype=np.int16), series_number=3, description="alpha", name_prefix="A")
-    second = make_series(np.ones((4, 4, 5), dtype=np.int16), series_number=5, description="beta/gamma", name_prefix="B")
-    third = make_series(np.ones((4, 4, 5), dtype=np.int16), series_number=5, description="beta/gamma", name_prefix="C")
+    first = make_series(np.zeros((3, 4, 5), dtype=np.int16), series_number=3, description="T1", name_prefix="A")
+    second = make_series(np.ones((4, 4, 5), dtype=np.int16), series_number=5, description="T2/FLAIR", name_prefix="B")
+    third = make_series(np.ones((4, 4, 5), dtype=np.int16), series_number=5, description="T2/FLAIR", name_prefix="C")
     result = scan(first + second + third)
     assert len(result.series) == 3
     batch = convert_batch(result.series, ConvertOptions())
@@ -640,19 +640,19 @@ def test_batch_converts_every_series_into_one_zip() -> None:
     names = sorted(zipfile.ZipFile(io.BytesIO(batch.data)).namelist())
     assert names == sorted(
         [
-            "3_alpha.nii.gz",
-            "5_beta_gamma.nii.gz",
-            "5_beta_gamma_2.nii.gz",
-            "qa/3_alpha_qa.json",
-            "qa/5_beta_gamma_qa.json",
-            "qa/5_beta_gamma_2_qa.json",
+            "3_T1.nii.gz",
+            "5_T2_FLAIR.nii.gz",
+            "5_T2_FLAIR_2.nii.gz",
+            "qa/3_T1_qa.json",
+            "qa/5_T2_FLAIR_qa.json",
+            "qa/5_T2_FLAIR_2_qa.json",
         ]
     )
     assert not any("Phantom" in name for name in names)
 
 
 def test_batch_dicom_export_and_failures_are_listed() -> None:
-    good = make_series(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5), series_number=2, description="ok")
+    good = make_series(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5), series_number=2, description="axial")
     gapped = make_series(
         np.zeros((5, 4, 4), dtype=np.int16), drop=[2], series_number=9, description="gap", name_prefix="G"
     )
@@ -660,4 +660,16 @@ def test_batch_dicom_export_and_failures_are_listed() -> None:
     batch = convert_batch(result.series, ConvertOptions(to="dicom", strict=True))
     assert [p.message for p in batch.problems if "spacing" in p.message]
     names = zipfile.ZipFile(io.BytesIO(batch.data)).namelist()
-    assert sorted(n for n in names if n.endswith(".dcm")) == ["2_ok/IM0001.dcm", "2_ok/IM0002.dcm", "2_ok/IM0003.dcm"]
+    assert sorted(n for n in names if n.endswith(".dcm")) == ["2_axial/IM0001.dcm", "2_axial/IM0002.dcm", "2_axial/IM0003.dcm"]
+
+
+def test_output_names_keep_technical_words_only() -> None:
+    sources = make_series(
+        np.zeros((4, 4, 3), dtype=np.int16), series_number=7, description="Smith^John T1 axial 3mm"
+    )
+    (series,) = scan(sources).series
+    stem = output_stem(series)
+    assert stem == "7_T1_axial_3mm"
+    nifti = Source("mrn123456_jane_doe_brain.nii.gz", convert_series(series, ConvertOptions(to="nifti")).outputs[0][1])
+    (other,) = scan([nifti]).series
+    assert output_stem(other) == "brain"

@@ -78,11 +78,11 @@ def test_uncompressed_sidecar_and_qa_options(tmp_path: Path) -> None:
 
 
 def test_geometry_warnings_go_to_stderr_and_only_paths_to_stdout(tmp_path: Path) -> None:
-    sources = make_series(np.zeros((8, 6, 6), dtype=np.int16), drop=[3], series_number=4, description="gapped")
+    sources = make_series(np.zeros((8, 6, 6), dtype=np.int16), drop=[3], series_number=4, description="axial")
     folder = write_sources(sources, tmp_path / "gapped")
     out = run_cli("convert", str(folder), "-o", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr
-    assert [p.name for p in printed_paths(out)] == ["4_gapped_Eq.nii.gz"]
+    assert [p.name for p in printed_paths(out)] == ["4_axial_Eq.nii.gz"]
     assert "warning:" in out.stderr and "_Eq" in out.stderr
     assert not any(line.startswith("warning") for line in out.stdout.splitlines())
 

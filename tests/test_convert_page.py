@@ -54,7 +54,7 @@ def test_every_format_converts_without_error() -> None:
 
 def test_batch_converts_an_upload_of_two_series() -> None:
     mr = sorted(data_path("mr_siemens_gre_fieldmap_5sl", "dicom").glob("*.dcm"))
-    gapped = make_series(np.zeros((6, 5, 5), dtype=np.int16), drop=[2], series_number=8, description="gap")
+    gapped = make_series(np.zeros((6, 5, 5), dtype=np.int16), drop=[2], series_number=8, description="axial")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
     at.run()
     at.file_uploader(key="upload_files").set_value(
@@ -71,6 +71,6 @@ def test_batch_converts_an_upload_of_two_series() -> None:
     assert any(b.proto.label.startswith("Download 2 conversions") for b in at.get("download_button"))
     archive = zipfile.ZipFile(io.BytesIO(at.session_state["convert_batch"]["result"].data))
     names = sorted(archive.namelist())
-    assert "8_gap_Eq.nii.gz" in names and any(n.startswith("2_gre_field_mapping") for n in names)
-    image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read("8_gap_Eq.nii.gz")))
+    assert "8_axial_Eq.nii.gz" in names and any(n.startswith("2_gre_field_mapping") for n in names)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read("8_axial_Eq.nii.gz")))
     assert image.shape == (5, 5, 6)
