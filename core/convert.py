@@ -35,8 +35,8 @@ import numpy as np
 from isal import isal_zlib
 from pydicom.dataset import Dataset
 
-from core.dicom_export import export_dicom_series
 from core.deidentify import safe_description
+from core.dicom_export import export_dicom_series
 from core.errors import CoreError, SeriesGeometryError
 from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_storage, write_nifti
 from core.qa import QAReport, SliceStack, report_from_stack, slice_stack
