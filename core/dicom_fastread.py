@@ -401,7 +401,7 @@ def _integer_text(raw: bytes | None) -> str:
     if raw is None:
         return ""
     if not raw:
-        raise _Unusual  # pydicom's value is None, whose str() is "None"
+        return "None"  # pydicom's value of an empty IS is None
     text = _text(raw)
     assert text is not None
     if not text.strip(" "):

@@ -25,6 +25,7 @@ SCAN = "scan"  # ScanResult of the current upload (or the sample)
 CURRENT = "current_id"  # id of the series every page works on
 VOLUMES = "volumes"  # {series id: Volume}, only the current one is kept
 UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
+PAGE_STATE_PREFIXES = ("viewer_", "convert_", "mesh_", "slice_", "view_")
 SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
 # Widget keys of the Open page's uploaders (pages/upload.py).
 UPLOADER_KEYS = ("upload_files", "upload_folder")
@@ -53,6 +54,11 @@ def set_scan(result: ScanResult, upload_key: str, sources: Sequence[Source] | No
     """
     if sources is None and upload_key.startswith("upload:"):
         sources = _uploaded_sources()
+    # Pages keep per-series state (slice positions, caches, results) under these prefixes.
+    # Series ids repeat across uploads ("3-1", a file stem), so a new scan must not inherit them.
+    for key in list(st.session_state.keys()):
+        if str(key).startswith(PAGE_STATE_PREFIXES):
+            del st.session_state[key]
     st.session_state[SCAN] = result
     st.session_state[UPLOAD_KEY] = upload_key
     st.session_state[SOURCES] = list(sources) if sources else None

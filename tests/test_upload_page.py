@@ -7,6 +7,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import REPO, data_path
+from tests.test_viewer_page import views
 
 
 def open_app() -> AppTest:
@@ -64,3 +65,34 @@ def test_junk_upload_shows_an_error_and_the_app_keeps_working() -> None:
     at.button[0].click().run()  # the sample still opens in the same session
     assert not at.exception
     assert list(at.dataframe[0].value["modality"]) == ["CT"]
+
+
+def _nifti_bytes(size: int) -> bytes:
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(np.arange(size**3, dtype=np.int16).reshape(size, size, size), np.eye(4))
+    return image.to_bytes()
+
+
+def test_a_new_upload_does_not_inherit_the_previous_scans_page_state() -> None:
+    # Series ids repeat across uploads (a file stem here): pages must not show the old scan.
+    at = open_app()
+    at.file_uploader(key="upload_files").set_value([("scan.nii", _nifti_bytes(40), "application/octet-stream")])
+    at.run()
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception
+    assert max(s.max for s in at.slider) == 39
+    at.switch_page("pages/upload.py").run()
+    at.file_uploader(key="upload_files").set_value([("scan.nii", _nifti_bytes(20), "application/octet-stream")])
+    at.run()
+    assert at.dataframe[0].value["dimensions"][0] == "20 x 20 x 20"
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception
+    assert max(s.max for s in at.slider) == 19
+    shown = views(at)
+    assert shown and all(image.shape[0] == 20 for _, image in shown.values()), {
+        plane: image.shape for plane, (_, image) in shown.items()
+    }
+    positions = at.session_state["viewer_pos"]
+    assert all(positions[plane] < 20 for plane in ("axial", "coronal", "sagittal"))
