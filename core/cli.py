@@ -96,3 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CoreError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return EXIT_NOTHING_PROCESSED
+    except MemoryError:
+        print("error: not enough memory for this input; try a smaller series or --downsample", file=sys.stderr)
+        return EXIT_NOTHING_PROCESSED
+    except Exception as err:  # noqa: BLE001 - last resort: scripts get a message and exit 3, never a traceback
+        print(
+            f"error: internal error ({type(err).__name__}); nothing more was written. Please report it.",
+            file=sys.stderr,
+        )
+        return EXIT_NOTHING_PROCESSED

@@ -86,7 +86,7 @@ def run_convert(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     result = scan_paths(args.paths)
     for error in result.errors:
-        print(f"error: {error.source}: {error.message}", file=sys.stderr)
+        print(f"error: {error.message}", file=sys.stderr)  # messages name their file
     converted = 0
     for series, stem in zip(result.series, unique_stems(result.series), strict=True):
         try:

@@ -44,6 +44,13 @@ def _lower(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--lower takes a number or 'otsu', got {text!r}") from err
 
 
+def _at_least_one(text: str) -> int:
+    value = _positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -140,7 +147,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     surface = parser.add_argument_group("surface")
     surface.add_argument(
         "--downsample",
-        type=_positive_int,
+        type=_at_least_one,
         default=1,
         metavar="N",
         help="use every N-th voxel along each axis first (very large volumes)",

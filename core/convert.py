@@ -681,7 +681,8 @@ def convert_series(
         # Built and verified now: an export that does not read back is never offered.
         export = export_dicom_series(
             volume,
-            series_description=(series.info.description or base)[:64],
+            # PS3.15 lists Series Description as X (remove): keep its technical words only.
+            series_description=(safe_description(series.info.description) or base)[:64],
             series_number=number,
             reference=options.reference,
         )

@@ -116,8 +116,12 @@ _U32 = struct.Struct("<I").unpack_from
 _U16 = struct.Struct("<H").unpack_from
 
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z").match
-_DS_ITEM = re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)? *\Z").match
-_IS_ITEM = re.compile(r" *[+-]?\d+ *\Z").match
+# Decimal and integer strings (PS3.5 Table 6.2-1), one or several separated by backslashes.
+_DS = rb" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)? *"
+_IS = rb" *[+-]?\d+ *"
+_DS_VALUES = re.compile(_DS + rb"(?:\\" + _DS + rb")*\Z").match
+_IS_VALUES = re.compile(_IS + rb"(?:\\" + _IS + rb")*\Z").match
+_IS_ITEM = re.compile(_IS.decode() + r"\Z").match
 
 # Encapsulated transfer syntaxes whose datasets are explicit VR little endian (PS3.5 A.4).
 _TS_CACHE: dict[bytes, tuple[UID, bool] | None] = {}
@@ -366,21 +370,15 @@ def _numbers(raw: bytes | None, integers: bool = False) -> list[float] | None:
     """A DS/IS value as :func:`core.dicom_headers.floats` returns it: None when absent or empty."""
     if raw is None:
         return None
-    value = raw.rstrip(b" \x00")
-    if not _PRINTABLE(value):
-        raise _Unusual
-    text = value.decode("ascii")
-    if not text.strip(" "):
-        if not raw and integers:
-            raise _Unusual  # pydicom gives None for an empty IS; its str() differs from the blank one's
+    text = raw.rstrip(b" \x00")
+    if (_IS_VALUES if integers else _DS_VALUES)(text) is None:
+        if text.strip(b" "):
+            raise _Unusual  # not numbers: pydicom's path words the error (or ignores the value)
         return None
-    items = text.split("\\")
-    match = _IS_ITEM if integers else _DS_ITEM
-    if not all(match(item) for item in items):
-        raise _Unusual
-    numbers = [float(item) for item in items]
-    if not all(math.isfinite(v) for v in numbers):
-        raise _Unusual
+    numbers = [float(text)] if b"\\" not in text else [float(item) for item in text.split(b"\\")]
+    for value in numbers:
+        if value - value != 0:  # inf (a huge exponent) or nan
+            raise _Unusual
     return numbers
 
 

@@ -147,7 +147,7 @@ def volume_frame(volume: Volume, frame: int = 0) -> np.ndarray:
     ------
     UnsupportedFileError
         RGB volumes (colour photos, screenshots) have no physical values to threshold.
-    IndexError
+    UnsupportedFileError
         ``frame`` outside ``0 .. n_frames - 1``.
     """
     if volume.is_rgb:
@@ -156,7 +156,9 @@ def volume_frame(volume: Volume, frame: int = 0) -> np.ndarray:
             "(CT, MR or a label map)"
         )
     if not 0 <= frame < volume.n_frames:
-        raise IndexError(f"frame {frame} is outside 0..{volume.n_frames - 1}")
+        raise UnsupportedFileError(
+            f"time point {frame} does not exist: this volume has {volume.n_frames} (0..{volume.n_frames - 1})"
+        )
     return volume.array if volume.array.ndim == 3 else volume.array[..., frame]
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from core.deidentify import safe_description
 from core.dicom_geometry import (
     GAP_FACTOR,
     ORIENTATION_TOLERANCE,
@@ -218,8 +219,9 @@ class QAReport:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: the downloadable report (no patient data: ids, geometry and checks only)."""
         return {
-            "series_id": self.series_id,
-            "description": self.description,
+            # Ids and descriptions can come from file names or free text: technical words only.
+            "series_id": safe_description(self.series_id) or "series",
+            "description": safe_description(self.description),
             "n_slices": self.n_slices,
             "n_images": self.n_images,
             "positions_along_normal_mm": [round(p, 6) for p in self.positions_mm],

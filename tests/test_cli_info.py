@@ -85,3 +85,17 @@ def test_help_lists_every_subcommand() -> None:
     assert out.returncode == 0
     for command in ("info", "convert", "mesh", "deidentify"):
         assert command in out.stdout
+
+
+def test_mesh_bad_frame_and_downsample_give_exit_codes_not_tracebacks(tmp_path) -> None:
+    ct = data_path("nifti_ct_with_labelmap", "example_ct_sm.nii.gz")
+    out = run_cli("mesh", str(ct), "-o", str(tmp_path / "x.stl"), "--lower", "300", "--frame", "2")
+    assert out.returncode == 3 and "time point 2" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("mesh", str(ct), "-o", str(tmp_path / "x.stl"), "--lower", "300", "--downsample", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_convert_names_each_failing_file_once(tmp_path) -> None:
+    out = run_cli("convert", str(tmp_path / "missing.dcm"), "--to", "nifti", "-o", str(tmp_path / "out"))
+    assert out.returncode == 3
+    assert out.stderr.count("missing.dcm") == 1, out.stderr

@@ -673,3 +673,17 @@ def test_output_names_keep_technical_words_only() -> None:
     nifti = Source("mrn123456_jane_doe_brain.nii.gz", convert_series(series, ConvertOptions(to="nifti")).outputs[0][1])
     (other,) = scan([nifti]).series
     assert output_stem(other) == "brain"
+
+
+@pytest.mark.parametrize("to", ["dicom", "nifti", "nrrd", "mha"])
+def test_an_identifying_upload_name_reaches_no_exported_byte(to: str) -> None:
+    from core.qa import qa_report
+
+    image = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.diag([1.0, 1.0, 2.0, 1.0]))
+    (series,) = scan([Source("DOE_JOHN_MRN12345.nii", image.to_bytes())]).series
+    conversion = convert_series(series, ConvertOptions(to=to))
+    blobs = [name.encode() + data for name, data in conversion.outputs]
+    blobs.append(json.dumps(qa_report(series).to_json()).encode())
+    for blob in blobs:
+        for marker in (b"DOE", b"JOHN", b"MRN12345"):
+            assert marker not in blob.upper()
