@@ -1,7 +1,5 @@
 """TomoForge entry point: set up per-session state and route the pages. Nothing else."""
 
-from pathlib import Path
-
 import streamlit as st
 
 from pages.common import init_state
@@ -9,19 +7,13 @@ from pages.common import init_state
 st.set_page_config(page_title="TomoForge", page_icon="🩻", layout="wide")
 init_state()
 
-PAGES = [
-    ("pages/upload.py", "Open", ":material/upload_file:"),
-    ("pages/viewer.py", "View", ":material/visibility:"),
-    ("pages/headers.py", "Headers", ":material/list_alt:"),
-    ("pages/convert.py", "Convert", ":material/swap_horiz:"),
-    ("pages/mesh.py", "Mesh", ":material/deployed_code:"),
-]
-HERE = Path(__file__).parent
 navigation = st.navigation(
     [
-        st.Page(path, title=title, icon=icon, default=index == 0)
-        for index, (path, title, icon) in enumerate(PAGES)
-        if (HERE / path).exists()  # TODO(session-1): drop once every page exists
+        st.Page("pages/upload.py", title="Open", icon=":material/upload_file:", default=True),
+        st.Page("pages/viewer.py", title="View", icon=":material/visibility:"),
+        st.Page("pages/headers.py", title="Headers", icon=":material/list_alt:"),
+        st.Page("pages/convert.py", title="Convert", icon=":material/swap_horiz:"),
+        st.Page("pages/mesh.py", title="Mesh", icon=":material/deployed_code:"),
     ]
 )
 navigation.run()
