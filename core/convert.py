@@ -18,6 +18,7 @@ Output names follow dcm2niix (``<series number>_<description>``, sanitised, with
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -33,6 +34,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from isal import isal_zlib
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from core.deidentify import safe_description
@@ -40,8 +42,10 @@ from core.dicom_export import export_dicom_series
 from core.errors import CoreError, SeriesGeometryError
 from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_storage, write_nifti
 from core.qa import QAReport, SliceStack, report_from_stack, slice_stack
-from core.series import Problem, Series
+from core.series import Problem, Series, SeriesInfo
+from core.sources import DEFAULT_LIMITS, Limits, Source
 from core.volume import LPS_TO_RAS, Volume, reorient_to_ras
+from core.worker import DEFAULT_WORKER_LIMITS, WorkerLimits, run_in_worker
 
 FORMATS = ("nifti", "dicom", "nrrd", "mha")
 
@@ -107,9 +111,12 @@ class Conversion:
         """``(relative path, bytes)`` of every file, encoded once."""
         files = []
         for name, write in self.writers:
-            buffer = io.BytesIO()
-            write(buffer)
-            files.append((name, buffer.getvalue()))
+            data = _constant_data(write)
+            if data is None:
+                buffer = io.BytesIO()
+                write(buffer)
+                data = buffer.getvalue()
+            files.append((name, data))  # encoded files are shared with their writers, not copied
         return tuple(files)
 
     def write(self, folder: Path) -> list[Path]:
@@ -132,10 +139,20 @@ class Conversion:
 
 
 def _constant(data: bytes) -> Writer:
-    def write(stream: BinaryIO) -> None:
-        stream.write(data)
+    # A partial of a module-level function, not a closure: a Conversion of encoded files
+    # pickles, so a worker process can send it back (convert_loaded).
+    return functools.partial(_write_constant, data)
 
-    return write
+
+def _write_constant(data: bytes, stream: BinaryIO) -> None:
+    stream.write(data)
+
+
+def _constant_data(write: Writer) -> bytes | None:
+    """The bytes a writer made by :func:`_constant` writes, or None for an encoding writer."""
+    if isinstance(write, functools.partial) and write.func is _write_constant:
+        return write.args[0]  # type: ignore[no-any-return]
+    return None
 
 
 @dataclass(frozen=True)
@@ -771,3 +788,217 @@ def zip_outputs(outputs: Iterable[tuple[str, bytes]]) -> bytes:
                 compresslevel=None if packed else 1,
             )
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- worker processes
+#
+# The app converts in a worker process (core.worker): encoding a volume is seconds of CPU that
+# would stall every session in the server process, and a batch decodes untrusted files. Series
+# loaders are closures, so a job gets plain values: the series' info and headers with the
+# decoded volume, or the uploaded files to scan again.
+
+
+def detach_header(header: Any) -> Any:
+    """A shallow copy of a pydicom header without the file's bytes, small enough to send to a worker.
+
+    pydicom keeps the whole file it read (pixels included) in ``FileDataset.buffer``,
+    so pickling a header would copy the image with it: 10 MB for the headers of a
+    20-slice CT instead of 0.2 MB. Values that were left in the file (read with
+    ``defer_size``) are read first. Elements are shared with ``header``. Anything
+    that is not a pydicom Dataset holding a buffer is returned as it is.
+
+    Parameters
+    ----------
+    header : object
+        A ``Series.headers`` item or a reference dataset.
+
+    Returns
+    -------
+    object
+        The copy (or ``header`` itself).
+    """
+    if not isinstance(header, Dataset) or getattr(header, "buffer", None) is None:
+        return header
+    for tag in list(header.keys()):
+        element = header.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is None and element.length:
+            header[tag]  # read the deferred value now (pydicom keeps it), while the file's bytes are at hand
+    clone = copy.copy(header)
+    clone.buffer = None
+    return clone
+
+
+def _loaded(volume: Volume) -> Volume:
+    return volume
+
+
+def convert_loaded(
+    info: SeriesInfo,
+    headers: Sequence[Any],
+    volume: Volume,
+    options: ConvertOptions = ConvertOptions(),
+    *,
+    stem: str | None = None,
+) -> tuple[Conversion, bytes | None]:
+    """Convert a series that is already loaded and encode its files now (the job of a worker process).
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        ``Series.info`` of the series.
+    headers : sequence
+        ``Series.headers`` (DICOM headers through :func:`detach_header` to keep the job small).
+    volume : Volume
+        The decoded series.
+    options : ConvertOptions
+        Format and choices.
+    stem : str, optional
+        Base name of the outputs (default :func:`output_stem`).
+
+    Returns
+    -------
+    conversion : Conversion
+        Its writers hold the encoded files, so it pickles and ``outputs`` costs no encoding.
+    bundle : bytes or None
+        Every file in one zip (:func:`zip_outputs`) when there is more than one, else None.
+
+    Raises
+    ------
+    CoreError
+        As :func:`convert_series`.
+    """
+    series = Series(info=info, loader=functools.partial(_loaded, volume), headers=tuple(headers))
+    conversion = convert_series(series, options, volume=volume, stem=stem)
+    outputs = conversion.outputs
+    # A new Conversion without the cached outputs: each file crosses the process boundary once.
+    encoded = dataclasses.replace(conversion, writers=tuple((name, _constant(data)) for name, data in outputs))
+    bundle = zip_outputs(outputs) if len(outputs) > 1 else None
+    return encoded, bundle
+
+
+def convert_series_in_worker(
+    series: Series,
+    options: ConvertOptions,
+    *,
+    volume: Volume,
+    stem: str | None = None,
+    limits: WorkerLimits = DEFAULT_WORKER_LIMITS,
+) -> tuple[Conversion, bytes | None]:
+    """:func:`convert_loaded` in a worker process: the server only sends the volume and headers.
+
+    Parameters
+    ----------
+    series : Series
+    options : ConvertOptions
+    volume : Volume
+        The decoded series (the app keeps it).
+    stem : str, optional
+    limits : WorkerLimits
+
+    Returns
+    -------
+    conversion : Conversion
+    bundle : bytes or None
+        See :func:`convert_loaded`.
+
+    Raises
+    ------
+    CoreError
+        As :func:`convert_series`; :class:`~core.worker.WorkerCrashError` or
+        :class:`~core.errors.LimitError` when the worker dies or runs over its limits.
+    """
+    headers = tuple(detach_header(h) for h in series.headers or ())
+    if options.reference is not None:
+        options = dataclasses.replace(options, reference=detach_header(options.reference))
+    result: tuple[Conversion, bytes | None] = run_in_worker(
+        convert_loaded, series.info, headers, volume, options, stem=stem, limits=limits, what=f"series {series.info.id}"
+    )
+    return result
+
+
+def convert_sources_batch(
+    sources: Sequence[Source],
+    series_ids: Sequence[str],
+    options: ConvertOptions = ConvertOptions(),
+    limits: Limits = DEFAULT_LIMITS,
+) -> BatchResult:
+    """Scan uploaded files again and convert the named series into one zip (the job of a worker process).
+
+    Parameters
+    ----------
+    sources : sequence of Source
+        The uploaded files (zips are expanded).
+    series_ids : sequence of str
+        ``SeriesInfo.id`` of the series to convert, from the scan of the same files, in
+        the order wanted.
+    options : ConvertOptions
+    limits : Limits
+        Caps for reading the files (those of the first scan).
+
+    Returns
+    -------
+    BatchResult
+        As :func:`convert_batch`; a series that the new scan does not find is a problem.
+    """
+    from core.io import scan  # late: core.io imports every reader
+
+    found = {item.info.id: item for item in scan(sources, limits).series}
+    chosen = [found[series_id] for series_id in series_ids if series_id in found]
+    result = convert_batch(chosen, options)
+    for series_id in series_ids:
+        if series_id not in found:
+            result.problems.append(
+                Problem(
+                    source=series_id,
+                    message=f"series {series_id}: not found when the upload was read again for conversion. "
+                    "Upload the files again.",
+                )
+            )
+    return result
+
+
+def convert_batch_in_worker(
+    sources: Sequence[Source],
+    series_ids: Sequence[str],
+    options: ConvertOptions,
+    *,
+    source_limits: Limits = DEFAULT_LIMITS,
+    limits: WorkerLimits = DEFAULT_WORKER_LIMITS,
+) -> BatchResult:
+    """:func:`convert_sources_batch` in a worker process: decoding untrusted files never happens in the caller.
+
+    Parameters
+    ----------
+    sources : sequence of Source
+        The uploaded files (sent to the worker through shared memory, not pickled).
+    series_ids : sequence of str
+        The series to convert, ids from the scan of ``sources``.
+    options : ConvertOptions
+        A reference dataset is sent without its file's bytes (:func:`detach_header`).
+    source_limits : Limits
+        Caps for reading the files again.
+    limits : WorkerLimits
+        Memory, CPU and time of the worker; one job converts every series.
+
+    Returns
+    -------
+    BatchResult
+
+    Raises
+    ------
+    CoreError
+        :class:`~core.worker.WorkerCrashError` or :class:`~core.errors.LimitError` when the
+        worker dies or runs over its limits (a series that fails is a problem in the result).
+    """
+    if options.reference is not None:
+        options = dataclasses.replace(options, reference=detach_header(options.reference))
+    result: BatchResult = run_in_worker(
+        convert_sources_batch,
+        list(sources),
+        tuple(series_ids),
+        options,
+        source_limits,  # positional: run_in_worker's own ``limits`` are the worker's
+        limits=limits,
+        what=f"conversion of {len(series_ids)} series",
+    )
+    return result

@@ -47,6 +47,7 @@ from core.mask import (
     label_name,
     threshold_mask,
 )
+from core.sources import DEFAULT_LIMITS, Limits, Source
 from core.volume import Volume
 
 if TYPE_CHECKING:
@@ -1228,6 +1229,95 @@ def preview_figure(meshes: Sequence[Mesh], *, space: str = "LPS") -> go.Figure:
     return figure
 
 
+# --------------------------------------------------------------------------------------
+# Jobs for worker processes (core.worker): plain arguments in, picklable values out
+# --------------------------------------------------------------------------------------
+
+
+def build_meshes_and_preview(
+    volume: Volume,
+    request: MeshRequest,
+    *,
+    mesh_limits: MeshLimits = DEFAULT_MESH_LIMITS,
+) -> tuple[MeshResult, list[Mesh]]:
+    """:func:`build_meshes` and the meshes decimated for display, as the app runs them in a worker process.
+
+    Both steps are seconds of CPU on a large CT, which in the server process would stall
+    every user's session (REFERENCE.md section 5).
+
+    Parameters
+    ----------
+    volume : Volume
+    request : MeshRequest
+    mesh_limits : MeshLimits
+        ``mesh_limits.preview_triangles`` caps the preview meshes. (Not ``limits``:
+        :func:`core.worker.run_in_worker` takes that keyword for the worker's own limits.)
+
+    Returns
+    -------
+    result : MeshResult
+        Without its masks (``masks == ()``): they are as large as the volume and only the
+        meshes and figures travel back.
+    preview : list of Mesh
+        :func:`preview_meshes` of the result.
+
+    Raises
+    ------
+    CoreError
+        As :func:`build_meshes`.
+    """
+    import dataclasses
+
+    result = build_meshes(volume, request, limits=mesh_limits)
+    preview = preview_meshes(result.meshes, mesh_limits.preview_triangles)
+    return dataclasses.replace(result, masks=()), preview
+
+
+def read_label_map(source: Source, limits: Limits = DEFAULT_LIMITS) -> tuple[Volume, list[int]]:
+    """Read an uploaded segmentation (NIfTI, NRRD, ... label map): its first series, checked to hold labels.
+
+    Meant to run in a worker process (:func:`core.worker.run_in_worker`): it parses and
+    decodes an untrusted upload.
+
+    Parameters
+    ----------
+    source : Source
+        The uploaded file (a zip is expanded; its first series is taken).
+    limits : Limits
+        Caps for reading it.
+
+    Returns
+    -------
+    labels : Volume
+        The label map, on its own grid (an overlay aligns it through world coordinates).
+    present : list of int
+        The non-zero label values it holds, sorted (:func:`core.render.label_values`;
+        finding them is a sort of every voxel, work for the worker too).
+
+    Raises
+    ------
+    UnsupportedFileError
+        No image in the file, or an RGB image.
+    CoreError
+        Values that are not whole numbers (:func:`core.render.label_values`), or reading
+        and decoding failed (the reader's message).
+    """
+    from core.io import scan  # late: core.io imports every reader
+    from core.render import label_values
+
+    found = scan([source], limits)
+    if not found.series:
+        reason = "; ".join(p.message for p in found.errors) or f"{source.name}: no image found in the file"
+        raise UnsupportedFileError(reason, source=source.name)
+    labels = found.series[0].load()
+    if labels.is_rgb:
+        raise UnsupportedFileError(
+            f"{source.name}: an RGB image is not a label map; upload a segmentation", source=source.name
+        )
+    present = label_values(labels)  # refuses non-integer values with a message
+    return labels, list(present)
+
+
 __all__ = [
     "DEFAULT_MESH_LIMITS",
     "SPACES",
@@ -1237,6 +1327,7 @@ __all__ = [
     "MeshRequest",
     "MeshResult",
     "build_meshes",
+    "build_meshes_and_preview",
     "count_components",
     "decimate_mesh",
     "downsample",
@@ -1246,6 +1337,7 @@ __all__ = [
     "mesh_figures",
     "preview_figure",
     "preview_meshes",
+    "read_label_map",
     "repair_mesh",
     "signed_volume_mm3",
     "smooth_mesh",

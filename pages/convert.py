@@ -1,4 +1,11 @@
-"""Convert page: the geometry QA of the current series, then NIfTI, DICOM, NRRD or MetaImage downloads."""
+"""Convert page: the geometry QA of the current series, then NIfTI, DICOM, NRRD or MetaImage downloads.
+
+Conversions run in a worker process (:mod:`core.worker`): encoding is seconds of CPU
+that would stall every user's session in the server process, and converting every
+series decodes untrusted files, which may crash a decoding library. The server only
+reads the headers (the geometry check) and sends the worker the decoded volume, or
+for a batch the uploaded files to read again.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,25 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.convert import Conversion, ConvertOptions, convert_batch, convert_series, download_name, output_stem
+from core.convert import (
+    Conversion,
+    ConvertOptions,
+    convert_batch,
+    convert_batch_in_worker,
+    convert_series_in_worker,
+    detach_header,
+    download_name,
+    output_stem,
+)
 from core.dicom_export import read_reference
 from core.errors import CoreError
 from core.qa import QAReport, qa_report
-from pages.common import current_scan, plain, require_volume, show_error, show_warning
+from core.worker import run_in_worker
+from pages.common import SOURCES, current_scan, plain, require_volume, show_error, show_warning
 
-RESULT = "convert_result"  # {"key": ..., "conversion": Conversion} of the last conversion
-BATCH = "convert_batch"  # {"key": ..., "result": BatchResult}
+RESULT = "convert_result"  # {"key": ..., "conversion": Conversion, "file": (name, data), "file_name": str}
+BATCH = "convert_batch"  # {"key": ..., "result": BatchResult, "file_name": str}
+REFERENCE = "convert_reference"  # {"key": upload id, "reference": Dataset | None, "error": str}
 
 FORMATS = {
     "NIfTI (.nii.gz)": ("nifti", True),
@@ -118,21 +136,40 @@ if target == "dicom":
     elif origin == "Patient and study of an uploaded DICOM file":
         upload = st.file_uploader("Reference DICOM file", type=None, key="convert_reference_file")
         if upload is not None:
-            try:
-                reference = read_reference(upload.getvalue(), upload.name)
+            # Parsed once per upload, in a worker like every other upload (its header is untrusted).
+            cached = st.session_state.get(REFERENCE)
+            if cached is None or cached["key"] != upload.file_id:
+                cached = {"key": upload.file_id, "reference": None, "error": ""}
+                try:
+                    with st.spinner("Reading the reference file (in a worker process)..."):
+                        parsed = run_in_worker(
+                            read_reference, upload.getvalue(), upload.name, what=f"reference {upload.name}"
+                        )
+                    cached["reference"] = detach_header(parsed)
+                except CoreError as err:
+                    cached["error"] = err.message
+                st.session_state[REFERENCE] = cached
+            if cached["error"]:
+                show_error(cached["error"])
+            else:
+                reference = cached["reference"]
                 reference_label = f"file:{upload.file_id}"
-            except CoreError as err:
-                show_error(err.message)
 
 options = ConvertOptions(to=target, compress=compress, sidecar=sidecar, strict=strict, reference=reference)
 key = (info.id, target, compress, sidecar, strict, reference_label)
 
 if st.button("Convert", type="primary", icon=":material/swap_horiz:"):
     try:
-        with st.spinner("Converting..."):
-            conversion = convert_series(series, options, volume=volume, stem=stem)
-            conversion.outputs  # encode now, inside the error handling  # noqa: B018
-        st.session_state[RESULT] = {"key": key, "conversion": conversion}
+        with st.spinner("Converting (in a worker process)..."):
+            converted, bundle = convert_series_in_worker(series, options, volume=volume, stem=stem)
+        name, data = converted.outputs[0] if bundle is None else (f"{converted.stem}.zip", bundle)
+        # The download's name is computed once: hashing a large file on every rerun costs seconds.
+        st.session_state[RESULT] = {
+            "key": key,
+            "conversion": converted,
+            "file": (name, data),
+            "file_name": download_name(name, data),
+        }
     except CoreError as err:
         st.session_state.pop(RESULT, None)
         show_error(err.message)
@@ -142,17 +179,13 @@ if stored is not None and stored["key"] == key:
     conversion: Conversion = stored["conversion"]
     for warning in conversion.warnings:
         show_warning(warning)
-    if len(conversion.outputs) == 1:
-        name, data = conversion.outputs[0]
-    else:
-        data = conversion.zip_bytes()
-        name = f"{conversion.stem}.zip"
+    name, data = stored["file"]
     verified = " Read back and verified." if target == "dicom" else ""
     st.success(f"{plain(conversion.primary)}: {len(data) / 1e6:.1f} MB.{verified}", icon=":material/check_circle:")
     st.download_button(
         f"Download {name}",
         data=data,
-        file_name=download_name(name, data),
+        file_name=stored["file_name"],
         mime="application/octet-stream",
         icon=":material/download:",
         type="primary",
@@ -166,14 +199,30 @@ if scan is not None and len(scan.series) > 1:
         f"{len(scan.series)} series, one {choice} each, named like dcm2niix (series number and description), "
         "with their QA reports, in one zip."
     )
-    batch_key = (tuple(s.info.id for s in scan.series), *key[1:])
+    series_ids = [s.info.id for s in scan.series]
+    batch_key = (tuple(series_ids), *key[1:])
     if st.button(f"Convert all {len(scan.series)} series", icon=":material/folder_zip:"):
-        bar = st.progress(0.0, text="Converting...")
-        result = convert_batch(
-            scan.series, options, progress=lambda fraction, text: bar.progress(fraction, text=plain(text))
-        )
-        bar.empty()
-        st.session_state[BATCH] = {"key": batch_key, "result": result}
+        uploaded = st.session_state.get(SOURCES)
+        try:
+            with st.spinner(f"Converting {len(series_ids)} series (in a worker process)..."):
+                if uploaded:
+                    # The worker reads the files again and decodes every series: never here.
+                    result = convert_batch_in_worker(uploaded, series_ids, options)
+                elif all(s.info.kind == "sample" for s in scan.series):
+                    result = convert_batch(scan.series, options)  # generated here, no file to decode
+                else:
+                    raise CoreError(
+                        "The uploaded files are no longer held by this session; open them again on the "
+                        "Open page to convert every series."
+                    )
+            st.session_state[BATCH] = {
+                "key": batch_key,
+                "result": result,
+                "file_name": download_name("tomoforge_conversions.zip", result.data),
+            }
+        except CoreError as err:
+            st.session_state.pop(BATCH, None)
+            show_error(err.message)
     batch = st.session_state.get(BATCH)
     if batch is not None and batch["key"] == batch_key:
         result = batch["result"]
@@ -186,7 +235,7 @@ if scan is not None and len(scan.series) > 1:
             st.download_button(
                 f"Download {len(result.conversions)} conversions (.zip)",
                 data=result.data,
-                file_name=download_name("tomoforge_conversions.zip", result.data),
+                file_name=batch["file_name"],
                 mime="application/zip",
                 icon=":material/download:",
             )

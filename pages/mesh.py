@@ -1,7 +1,9 @@
 """Mesh page: threshold or label map -> clean-up -> surface -> smoothing/decimation -> figures, 3D preview, export.
 
 The work is done by :func:`core.mesh.build_meshes` from a plain
-:class:`core.mesh.MeshRequest`; the page only collects the request, keeps the
+:class:`core.mesh.MeshRequest`, in a worker process (:mod:`core.worker`): seconds
+of CPU in the server process would stall every user's session, and a crash in VTK
+ends the worker, not the server. The page only collects the request, keeps the
 last result in the session and shows it. The threshold overlay on the slice is
 live (it costs one slice); the 3D surface is built when asked.
 
@@ -13,6 +15,7 @@ selectbox key ``"mesh_preset"``; number inputs keys ``"mesh_lower"`` and
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Any
 
 import numpy as np
@@ -35,18 +38,19 @@ from core.mesh import (
     DEFAULT_MESH_LIMITS,
     MeshRequest,
     MeshResult,
-    build_meshes,
+    build_meshes_and_preview,
     preview_figure,
-    preview_meshes,
     volume_frame,
 )
 from core.mesh_export import FORMATS, export_file_name, mesh_to_bytes, meshes_to_zip
 from core.render import LabelOverlay, ThresholdOverlay, render_view
 from core.windowing import default_window
-from pages.common import plain, require_volume, show_error, show_warning
+from core.worker import run_in_worker
+from pages.common import UPLOAD_KEY, plain, require_volume, show_error, show_warning
 
 RESULT = "mesh_result"  # {"key": request token, "result": MeshResult, "preview": figure}
 LABELS = "mesh_label_counts"  # {"key": (series id, frame), "counts": {label: voxels}}
+PRESET_NOTE = "mesh_preset_note"  # why a preset could not be applied (e.g. Otsu on a constant image)
 OTSU, CUSTOM = "Otsu (automatic)", "Custom"
 
 series, volume = require_volume()
@@ -70,10 +74,26 @@ is_ct = volume.modality.upper() == "CT" or volume.unit == "HU"
 unit = volume.unit or "value"
 
 
+def _lowest_value(array: np.ndarray) -> float:
+    finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+    return float(finite.min()) if finite.size else 0.0
+
+
 def _set_preset() -> None:
     choice = st.session_state["mesh_preset"]
+    st.session_state.pop(PRESET_NOTE, None)
     if choice == OTSU:
-        st.session_state["mesh_lower"] = round(otsu_threshold(values), 1)
+        try:
+            otsu = round(otsu_threshold(values), 1)
+        except CoreError as err:
+            # A constant image has nothing to separate: keep a threshold the user can edit.
+            st.session_state["mesh_preset"] = CUSTOM
+            st.session_state[PRESET_NOTE] = (
+                f"Otsu's method found no threshold ({err.message}). Set the thresholds by hand."
+            )
+            st.session_state.setdefault("mesh_lower", round(_lowest_value(values), 1))
+            return
+        st.session_state["mesh_lower"] = otsu
         st.session_state["mesh_use_upper"] = False
     elif choice != CUSTOM:
         preset = preset_by_name(choice)
@@ -105,6 +125,8 @@ with settings:
             _set_preset()
         st.selectbox("Preset", presets, key="mesh_preset", on_change=_set_preset)
         preset_name = st.session_state["mesh_preset"]
+        if st.session_state.get(PRESET_NOTE):
+            show_warning(st.session_state[PRESET_NOTE])
         if preset_name not in (OTSU, CUSTOM):
             st.caption(f"Source: {plain(preset_by_name(preset_name).source)}")
         elif preset_name == OTSU:
@@ -226,8 +248,12 @@ with settings:
         )
 
 with view:
-    k_max = volume.spatial_shape[2] - 1
-    k = st.slider("Axial slice", 0, k_max, k_max // 2, key="mesh_slice")
+    k_count = volume.spatial_shape[2]
+    k = 0
+    if k_count > 1:  # a slider needs two positions: a 2D image has one slice
+        k = st.slider("Axial slice", 0, k_count - 1, (k_count - 1) // 2, key="mesh_slice")
+    else:
+        st.caption("A single slice (2D image).")
     window = default_window(volume)
     try:
         if mode == "Threshold":
@@ -266,7 +292,8 @@ request = MeshRequest(
     keep_fraction=fraction,
     target_triangles=target,
 )
-token = hashlib.sha256(repr((info.id, request)).encode()).hexdigest()[:10]
+# The upload's identity too: series ids repeat across uploads ("1", a file stem).
+token = hashlib.sha256(repr((st.session_state.get(UPLOAD_KEY), info.id, request)).encode()).hexdigest()[:10]
 
 if mode == "Label map" and not chosen_labels:
     st.info("Choose at least one label.")
@@ -274,9 +301,11 @@ if mode == "Label map" and not chosen_labels:
 
 if st.button("Build mesh", type="primary", icon=":material/deployed_code:"):
     try:
-        with st.spinner("Building the surface..."):
-            built = build_meshes(volume, request)
-            preview = preview_figure(preview_meshes(built.meshes, DEFAULT_MESH_LIMITS.preview_triangles))
+        with st.spinner("Building the surface (in a worker process)..."):
+            built, shown_meshes = run_in_worker(
+                build_meshes_and_preview, volume, request, what=f"mesh of {info.description or info.id}"
+            )
+            preview = preview_figure(shown_meshes)
         st.session_state[RESULT] = {"key": token, "result": built, "preview": preview}
     except CoreError as err:
         st.session_state.pop(RESULT, None)
@@ -345,7 +374,10 @@ with scale_col:
     scale = st.number_input("Scale", 0.01, 100.0, 1.0, step=0.1, key="mesh_scale", help="1 = real size in mm.")
 meshes = result.meshes
 stem = "tomoforge"
-file_token = hashlib.sha256(f"{stored['key']}|{fmt}|{space}|{scale}".encode()).hexdigest()[:8]
+# Streamlit serves downloads by a digest of size and samples: equal names across sessions could
+# hand one user another's mesh, so a per-session salt goes into every name (as on the View page).
+salt = st.session_state.setdefault("download_salt", secrets.token_hex(4))
+file_token = hashlib.sha256(f"{salt}|{stored['key']}|{fmt}|{space}|{scale}".encode()).hexdigest()[:8]
 
 
 def _file() -> bytes:

@@ -18,6 +18,7 @@ Stable element labels (used by the browser test): sliders ``"Axial slice"``,
 
 from __future__ import annotations
 
+import html
 import json
 import secrets
 import struct
@@ -30,7 +31,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.errors import CoreError
-from core.io import scan
+from core.mesh import read_label_map
 from core.render import (
     PLANES,
     LabelOverlay,
@@ -40,7 +41,6 @@ from core.render import (
     encode_png,
     histogram,
     label_colors,
-    label_values,
     linked_indices,
     n_slices,
     plane_zip,
@@ -56,6 +56,7 @@ from core.series import Window
 from core.sources import Source
 from core.volume import Volume
 from core.windowing import COLORMAPS, CT_PRESETS, auto_window, default_window, file_windows
+from core.worker import run_in_worker
 from pages.common import plain, require_volume, show_error
 
 VIEW_CSS = """
@@ -286,7 +287,7 @@ CACHE_SIZE = 12  # rendered views kept per session (three planes x a few recent 
 POS = "viewer_pos"  # {"series": id, "axial": k, "coronal": j, "sagittal": i}: the crosshair voxel
 CACHE = "viewer_cache"
 FACTS = "viewer_facts"  # per-series things computed once: histogram, auto window
-OVERLAY = "viewer_overlay"  # {"key": upload id, "volume": Volume | None, "error": str}
+OVERLAY = "viewer_overlay"  # {"key": upload id, "volume": Volume | None, "error": str, "present": [label]}
 
 
 series, volume = require_volume()
@@ -451,40 +452,42 @@ def _overlay_state() -> dict[str, Any]:
 
 
 def load_overlay(upload: Any) -> Volume | None:
-    """Read an uploaded label map once per upload; keep the error message if it cannot be used."""
+    """Read an uploaded label map once per upload; keep the error message if it cannot be used.
+
+    The upload is parsed and decoded in a worker process (:mod:`core.worker`), like every
+    other upload: a file that crashes a reader ends the worker, not the server.
+    """
     state = _overlay_state()
     if upload is None:
-        state.update(key=None, volume=None, error="")
+        state.update(key=None, volume=None, error="", present=[])
         return None
     if state.get("key") == upload.file_id:
         return state["volume"]
-    state.update(key=upload.file_id, volume=None, error="")
+    state.update(key=upload.file_id, volume=None, error="", present=[])
     try:
-        found = scan([Source(name=upload.name, data=upload.getvalue())])
-        if not found.series:
-            reason = "; ".join(p.message for p in found.errors) or f"{upload.name}: no image found in the file"
-            raise CoreError(f"Label map not loaded. {reason}")
-        labels = found.series[0].load()
-        if labels.is_rgb:
-            raise CoreError(f"{upload.name}: an RGB image is not a label map; upload a segmentation")
-        label_values(labels)  # refuses non-integer images
+        with st.spinner("Reading the label map (in a worker process)..."):
+            labels, present = run_in_worker(
+                read_label_map, Source(name=upload.name, data=upload.getvalue()), what=f"label map {upload.name}"
+            )
     except CoreError as err:
-        state["error"] = err.message
+        state["error"] = f"Label map not loaded. {err.message}"
         return None
+    state["present"] = present  # the legend's values, found by the worker
     state["volume"] = labels
     return labels
 
 
 def legend(values: list[int], colors: dict[int, tuple[int, int, int]]) -> None:
     shown = values[:40]
+    # Every value put into HTML is escaped, even numbers: st.html renders markup as it is.
     chips = "".join(
         f'<span style="display:inline-block;margin:0 10px 4px 0;font-size:13px">'
         f'<span style="display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;'
-        f'background:rgb{colors[v]}"></span>{v}</span>'
+        f'background:rgb{html.escape(str(tuple(int(c) for c in colors[v])))}"></span>{html.escape(str(v))}</span>'
         for v in shown
     )
     more = f" and {len(values) - len(shown)} more" if len(values) > len(shown) else ""
-    st.html(f"<div>Labels: {chips}{more}</div>")
+    st.html(f"<div>Labels: {chips}{html.escape(more)}</div>")
 
 
 def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> bytes:
@@ -689,7 +692,7 @@ def overlay_controls() -> list[LabelOverlay | ThresholdOverlay]:
             if _overlay_state()["error"]:
                 show_error(_overlay_state()["error"])
             if labels_volume is not None:
-                present = label_values(labels_volume)
+                present = _overlay_state().get("present") or []
                 if not present:
                     st.info("The label map is empty (all zero).")
                 colors = label_colors(present)
@@ -703,7 +706,7 @@ def overlay_controls() -> list[LabelOverlay | ThresholdOverlay]:
             st.html(
                 '<div style="font-size:13px"><span style="display:inline-block;width:12px;height:12px;'
                 'background:rgb(255,60,60);margin-right:4px;vertical-align:-1px"></span>'
-                f"{lower:g} to {upper:g} {plain(volume.unit)}</div>"
+                f"{html.escape(f'{lower:g} to {upper:g} {volume.unit}')}</div>"
             )
     return overlays
 

@@ -1,4 +1,5 @@
-"""AppTest of the View page: the sample and real scans, sliders, presets, overlays, 4D, MONOCHROME1, RGB.
+"""AppTest of the View page: the sample and real scans, sliders, presets, overlays, 4D, MONOCHROME1, RGB;
+a label map read in a worker process (a crash there is a message); header values escaped in HTML.
 
 The views are a Streamlit component; AppTest cannot run its JavaScript, but it
 sees the bytes the page sends to it (a JSON header and the PNG), so the tests
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +20,26 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+import core.io
+import core.series
+import core.worker
 from core.render import render_view
 from core.sample import make_sample_ct
 from core.windowing import preset_by_name
 from tests.conftest import REPO, data_path
+from tests.dicom_factory import make_series
 
 PLANES = ("axial", "coronal", "sagittal")
 
 
-def open_viewer(files: list[Path] | None = None) -> AppTest:
+def open_viewer(files: list[Path] | None = None, named: list[tuple[str, bytes]] | None = None) -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
     at.run()
-    if files is None:
+    if files is None and named is None:
         at.button[0].click().run()  # "Open sample scan"
     else:
-        at.file_uploader(key="upload_files").set_value(
-            [(f.name, f.read_bytes(), "application/octet-stream") for f in files]
-        )
+        uploads = [(f.name, f.read_bytes()) for f in files or []] + list(named or [])
+        at.file_uploader(key="upload_files").set_value([(n, d, "application/octet-stream") for n, d in uploads])
         at.run()
     assert not at.exception
     at.switch_page("pages/viewer.py")
@@ -132,11 +138,32 @@ def test_one_view_layout_neurological_mip_colormap_and_threshold() -> None:
     assert at.number_input(key="viewer_thr_lo").value == 300.0
 
 
-def test_label_map_overlay_from_an_upload_aligns_with_a_dicom_ct() -> None:
+def _tripwire(what: str):  # type: ignore[no-untyped-def]
+    def tripwire(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{what} ran in the server process; an upload is read in a worker process")
+
+    return tripwire
+
+
+def _crash_the_worker(patch: pytest.MonkeyPatch) -> None:
+    """Jobs started through core.worker.run_in_worker run os.abort instead: a real crash of the worker."""
+    real = core.worker.run_in_worker
+
+    def crashing(fn: object, *args: object, limits: object = core.worker.DEFAULT_WORKER_LIMITS, what: str = "",
+                 **kwargs: object) -> object:  # fmt: skip
+        return real(os.abort, limits=limits, what=what)
+
+    patch.setattr(core.worker, "run_in_worker", crashing)
+
+
+def test_label_map_overlay_from_an_upload_aligns_with_a_dicom_ct(monkeypatch: pytest.MonkeyPatch) -> None:
     ct = sorted(data_path("ct_siemens_20sl_uncompressed_derived", "dicom").iterdir())
     seg = data_path("ct_siemens_j2k_20sl", "extra", "example_seg_dicom.nii.gz")
     at = open_viewer(ct)
     plain = views(at)["axial"][1]
+    # The label map is parsed and decoded in a worker: here, scanning or loading would fail.
+    monkeypatch.setattr(core.io, "scan", _tripwire("core.io.scan"))
+    monkeypatch.setattr(core.series.Series, "load", _tripwire("Series.load"))
     at.radio(key="viewer_overlay_kind").set_value("Label map").run()
     at.file_uploader(key="viewer_label_upload").set_value([(seg.name, seg.read_bytes(), "application/gzip")]).run()
     assert not at.exception
@@ -232,3 +259,39 @@ def test_choosing_another_series_resets_the_window_and_position() -> None:
     assert at.selectbox(key="viewer_window_choice").value.startswith(expected_choice)
     assert shown["axial"][0]["series"] == other
     assert shown["axial"][0]["index"] == (volume.spatial_shape[2] - 1) // 2  # centred again
+
+
+def test_a_crash_reading_the_label_map_is_a_message_and_the_viewer_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    ct = data_path("nifti_ct_with_labelmap", "example_ct_sm.nii.gz")
+    seg = data_path("nifti_ct_with_labelmap", "example_seg.nii.gz")
+    at = open_viewer([ct])
+    at.radio(key="viewer_overlay_kind").set_value("Label map").run()
+    with monkeypatch.context() as patch:
+        _crash_the_worker(patch)
+        at.file_uploader(key="viewer_label_upload").set_value([(seg.name, seg.read_bytes(), "application/gzip")])
+        at.run()
+        assert not at.exception, at.exception
+        assert any("Label map not loaded" in e.value and "SIGABRT" in e.value for e in at.error), [
+            e.value for e in at.error
+        ]
+        assert set(views(at)) == {"axial", "coronal", "sagittal"}  # the views are still drawn
+    at.file_uploader(key="viewer_label_upload").set_value([(seg.name, seg.read_bytes(), "application/gzip")]).run()
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("Labels:" in str(h.proto.body) for h in at.get("html"))
+
+
+def test_a_unit_from_the_header_is_escaped_in_html() -> None:
+    unit = "<i>B&Q</i>"  # (0054,1001) Units of a PET series: free text from the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom: not a valid CS value (the point of the test)
+        sources = make_series(
+            np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8), modality="PT", extra={"Units": unit}
+        )
+    at = open_viewer(named=[(s.name, s.data) for s in sources])
+    assert at.session_state["volumes"][at.session_state["current_id"]].unit == unit
+    at.radio(key="viewer_overlay_kind").set_value("Threshold").run()
+    assert not at.exception, at.exception
+    [caption] = [str(h.proto.body) for h in at.get("html") if " to " in str(h.proto.body)]
+    assert "&lt;i&gt;B&amp;Q&lt;/i&gt;" in caption
+    assert "<i>" not in caption and "B&Q" not in caption
