@@ -301,6 +301,7 @@ def _run(
             process.start()
         finally:
             child_end.close()
+        assert process.pid is not None  # set by start()
         try:
             _send(parent_end, payload, blobs, process.pid)
         except OSError:
