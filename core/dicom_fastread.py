@@ -23,7 +23,7 @@ Philips and UIH private tags, deflated or big-endian encodings).
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -84,10 +84,10 @@ def _tag(keyword: str) -> int:
 _KEYWORDS = (
     "ImageType", "SOPClassUID", "SOPInstanceUID", "AcquisitionTime", "ContentTime", "Manufacturer",
     "SeriesDescription", "ProtocolName", "SliceThickness", "EchoNumbers", "SpacingBetweenSlices", "TriggerTime",
-    "SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "AcquisitionNumber", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
-    "TemporalPositionIdentifier", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows",
-    "Columns", "PixelSpacing", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleIntercept",
-    "RescaleSlope",
+    "SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "AcquisitionNumber", "InstanceNumber",
+    "ImagePositionPatient", "ImageOrientationPatient", "TemporalPositionIdentifier", "SamplesPerPixel",
+    "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns", "PixelSpacing", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
 )  # fmt: skip
 _T = {keyword: _tag(keyword) for keyword in _KEYWORDS}
 _WANTED: dict[int, bytes] = {tag: str(dictionary_VR(tag)).encode() for tag in _T.values()}
@@ -122,9 +122,6 @@ _IS = rb" *[+-]?\d+ *"
 _DS_VALUES = re.compile(_DS + rb"(?:\\" + _DS + rb")*\Z").match
 _IS_VALUES = re.compile(_IS + rb"(?:\\" + _IS + rb")*\Z").match
 _IS_ITEM = re.compile(_IS.decode() + r"\Z").match
-
-# Encapsulated transfer syntaxes whose datasets are explicit VR little endian (PS3.5 A.4).
-_TS_CACHE: dict[bytes, tuple[UID, bool] | None] = {}
 
 
 def quick_path_allowed() -> bool:
@@ -175,10 +172,13 @@ def quick_image(data: bytes, file: int, max_voxels: int) -> QuickImage | None:
 # --- walking the elements -----------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
 def _transfer_syntax(raw: bytes) -> tuple[UID, bool] | None:
-    """(UID, implicit VR) for the encodings the fast path walks, or None."""
-    if raw in _TS_CACHE:
-        return _TS_CACHE[raw]
+    """(UID, implicit VR) for the encodings the fast path walks, or None.
+
+    Encapsulated (compressed) transfer syntaxes encode the dataset in explicit VR
+    little endian (PS3.5 A.4); deflated and big endian ones are left to pydicom.
+    """
     text = raw.rstrip(b" \x00")
     found: tuple[UID, bool] | None = None
     if _PRINTABLE(text) and b"\\" not in text:
@@ -189,7 +189,6 @@ def _transfer_syntax(raw: bytes) -> tuple[UID, bool] | None:
             uid.is_transfer_syntax and uid.is_compressed and uid.is_little_endian and not uid.is_deflated
         ):
             found = (uid, False)
-    _TS_CACHE[raw] = found
     return found
 
 
@@ -400,8 +399,7 @@ def _integer_text(raw: bytes | None) -> str:
         return ""
     if not raw:
         return "None"  # pydicom's value of an empty IS is None
-    text = _text(raw)
-    assert text is not None
+    text = _text(raw) or ""
     if not text.strip(" "):
         return ""
     if not _IS_ITEM(text):

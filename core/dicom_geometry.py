@@ -238,7 +238,10 @@ def stack_affine(
 
 def _spacing_warnings(increments: np.ndarray, mean_step: float, label: str) -> list[str]:
     """Uneven increments and gaps, in words with the values."""
-    median = float(np.median(increments))
+    # np.median's value, without its first-call import of numpy.ma (15 ms in a fresh process).
+    ordered = np.sort(increments)
+    middle = ordered.size // 2
+    median = float(ordered[middle] if ordered.size % 2 else (ordered[middle - 1] + ordered[middle]) / 2)
     low, high = float(increments.min()), float(increments.max())
     out: list[str] = []
     gaps = np.flatnonzero(increments > GAP_FACTOR * median)

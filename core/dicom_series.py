@@ -90,6 +90,7 @@ from core.dicom_pixels import (
     store_frame,
     store_native_frame,
     to_rgb8,
+    volume_buffer,
 )
 from core.errors import CoreError, LimitError, SeriesGeometryError, UnsupportedFileError
 from core.series import Problem, ScanResult, Series, SeriesInfo, Skipped, Window
@@ -1244,7 +1245,7 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
     shape: tuple[int, ...] = (plan.n_times, plan.n_slices, plan.rows, plan.columns)
     if is_rgb:
         shape = (*shape, 3)
-    buffer = np.empty(shape, dtype=out_type.dtype)
+    buffer = volume_buffer(shape, out_type.dtype)
     # Where each (file, frame) goes: mosaics fill a whole row of slices from one frame.
     targets: dict[int, dict[int | None, list[tuple[int, int, Frame]]]] = defaultdict(lambda: defaultdict(list))
     for t, row in enumerate(plan.grid):
