@@ -95,7 +95,7 @@ def current_volume() -> Volume | None:
     key = series.info.id
     if key not in volumes:
         try:
-            with st.spinner(f"Decoding {series.info.description or 'series'}..."):
+            with st.spinner(f"Decoding {plain(series.info.description or 'series')}..."):
                 volume = _decode(series)
         except CoreError as err:
             show_error(err.message)
