@@ -9,7 +9,7 @@ from core.io import scan
 from core.sample import sample_series
 from core.series import ScanResult
 from core.sources import Source
-from pages.common import CURRENT, UPLOAD_KEY, current_scan, plain, set_scan, show_error
+from pages.common import CURRENT, current_scan, plain, set_scan, show_error
 
 st.title("TomoForge")
 st.caption(
@@ -37,7 +37,10 @@ with folder_column:
 uploaded = list(files or []) + list(folder or [])
 if uploaded:
     key = "upload:" + ",".join(sorted(f.file_id for f in uploaded))
-    if st.session_state.get(UPLOAD_KEY) != key:
+    # Compare with the last upload seen, not the current scan: after "Open sample scan" the
+    # files still sit in the uploader and must not replace the sample on the next rerun.
+    if st.session_state.get("upload_seen") != key:
+        st.session_state["upload_seen"] = key
         bar = st.progress(0.0, text="Reading files...")
         sources = [Source(name=f.name, data=f.getvalue()) for f in uploaded]
         result = scan(sources, progress=lambda fraction, text: bar.progress(fraction, text=plain(text)))

@@ -96,3 +96,14 @@ def test_a_new_upload_does_not_inherit_the_previous_scans_page_state() -> None:
     }
     positions = at.session_state["viewer_pos"]
     assert all(positions[plane] < 20 for plane in ("axial", "coronal", "sagittal"))
+
+
+def test_the_sample_stays_open_while_files_remain_in_the_uploader() -> None:
+    at = open_app()
+    at.file_uploader(key="upload_files").set_value([("scan.nii", _nifti_bytes(10), "application/octet-stream")])
+    at.run()
+    assert at.dataframe[0].value["dimensions"][0] == "10 x 10 x 10"
+    at.button[0].click().run()
+    assert list(at.dataframe[0].value["modality"]) == ["CT"]
+    at.run()  # any later interaction reruns the page with the files still in the uploader
+    assert list(at.dataframe[0].value["modality"]) == ["CT"]
