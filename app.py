@@ -3,9 +3,11 @@
 import streamlit as st
 
 from pages.common import init_state
+from pages.janitor import start_janitor
 
 st.set_page_config(page_title="TomoForge", page_icon="🩻", layout="wide")
 init_state()
+start_janitor()  # once per process: shuts down sessions Streamlit forgets (pages/janitor.py)
 
 navigation = st.navigation(
     [
