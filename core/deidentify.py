@@ -1490,26 +1490,6 @@ def deidentify_sources(
     return export
 
 
-def sources_from_headers(headers: Sequence[Any]) -> list[Source]:
-    """The original files behind DICOM header datasets, when pydicom read them from memory.
-
-    The series reader parses each file from an in-memory buffer, which pydicom
-    keeps as ``FileDataset.buffer``; that is how a page can export the files of
-    the current series without holding the upload twice. Datasets without a
-    buffer (built in memory, read from disk) are skipped. Names are neutral
-    ("instance_0001"), never the uploaded file names.
-    """
-    out: list[Source] = []
-    seen: set[int] = set()
-    for ds in headers:
-        buffer = getattr(ds, "buffer", None)
-        if not isinstance(buffer, io.BytesIO) or id(buffer) in seen:
-            continue
-        seen.add(id(buffer))
-        out.append(Source(name=f"instance_{len(out) + 1:04d}", data=buffer.getvalue()))
-    return out
-
-
 def is_known_private_creator(creator: str) -> bool:
     """A private creator that pydicom's private dictionaries know (a vendor module name, not patient data).
 

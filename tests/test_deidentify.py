@@ -35,7 +35,6 @@ from core.deidentify import (
     safe_description,
     shift_date,
     shift_datetime,
-    sources_from_headers,
     zip_export,
 )
 from core.errors import EXIT_NOTHING_PROCESSED, EXIT_OK, EXIT_USAGE
@@ -567,13 +566,13 @@ def test_real_jpeg2000_ct_keeps_its_geometry(tmp_path: Path) -> None:
 
 
 def test_zip_of_a_scanned_series_from_its_headers(study) -> None:
-    """The Headers page's DICOM download: original files recovered from the series headers, zipped de-identified."""
+    """The Headers page's DICOM download: the series' uploaded files (Series.files), zipped de-identified."""
     from core.io import scan
 
     result = scan(study.sources)
     assert len(result.series) == 2
     for series in result.series:
-        sources = sources_from_headers(series.headers)
+        sources = list(series.files)
         assert len(sources) == 4 and {s.data for s in sources} <= {s.data for s in study.sources}
         archive = zip_export(deidentify_sources(sources))
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
