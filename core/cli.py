@@ -54,7 +54,9 @@ def _info(args: argparse.Namespace) -> int:
         for item in result.series:
             info = item.info
             spacing = " x ".join(f"{s:.4g}" for s in info.spacing_mm)
-            print(f"{info.id}\t{info.modality or '-'}\t{info.description}\t{'x'.join(map(str, info.shape))}\t{spacing} mm\t{info.dtype}")
+            print(
+                f"{info.id}\t{info.modality or '-'}\t{info.description}\t{'x'.join(map(str, info.shape))}\t{spacing} mm\t{info.dtype}"
+            )
             for warning in info.warnings:
                 print(f"  warning: {warning}")
         for skipped in result.skipped:

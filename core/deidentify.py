@@ -57,7 +57,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from core.dicom_headers import read_dataset_bytes
 from core.errors import CoreError, UnsupportedFileError
 from core.series import Problem
-from core.sources import Source
+from core.sources import Source, SourceData
 
 # ---------------------------------------------------------------------------
 # Table E.1-1, Basic Profile column (PS3.15 2024b). One attribute per line:
@@ -1310,7 +1310,7 @@ def dataset_to_bytes(ds: Dataset) -> bytes:
 # --- files and exports ---------------------------------------------------------------------------
 
 
-def looks_like_dicom(data: bytes) -> bool:
+def looks_like_dicom(data: SourceData) -> bool:
     """A Part 10 file ("DICM" at byte 128) or a bare dataset whose first tag is in group 0002 or 0008."""
     if data[128:132] == b"DICM":
         return True

@@ -45,6 +45,7 @@ from core.dicom_headers import (
     has_preamble,
 )
 from core.dicom_pixels import PixelFormat
+from core.sources import SourceData
 
 __all__ = ["QuickImage", "quick_image", "quick_path_allowed"]
 
@@ -145,7 +146,7 @@ def quick_path_allowed() -> bool:
     )
 
 
-def quick_image(data: bytes, file: int, max_voxels: int) -> QuickImage | None:
+def quick_image(data: SourceData, file: int, max_voxels: int) -> QuickImage | None:
     """Read a plain single-frame image file without pydicom.
 
     Parameters
@@ -192,7 +193,7 @@ def _transfer_syntax(raw: bytes) -> tuple[UID, bool] | None:
     return found
 
 
-def _meta(data: bytes) -> tuple[int, bytes, bytes]:
+def _meta(data: SourceData) -> tuple[int, bytes, bytes]:
     """Walk the file meta group: (dataset start, transfer syntax bytes, media storage SOP class bytes)."""
     pos, n = 132, len(data)
     syntax, media_class = b"", b""
@@ -221,7 +222,7 @@ def _meta(data: bytes) -> tuple[int, bytes, bytes]:
     return pos, syntax, media_class
 
 
-def _is_sequence(tag: int, vr: bytes | None, data: bytes, start: int) -> bool:
+def _is_sequence(tag: int, vr: bytes | None, data: SourceData, start: int) -> bool:
     """Whether an element of undefined length is a sequence, as pydicom decides it."""
     if vr is not None:
         return vr == b"SQ"
@@ -232,7 +233,7 @@ def _is_sequence(tag: int, vr: bytes | None, data: bytes, start: int) -> bool:
         return data[start : start + 4] == b"\xfe\xff\x00\xe0"
 
 
-def _walk_sequence(data: bytes, pos: int, explicit: bool, depth: int) -> int:
+def _walk_sequence(data: SourceData, pos: int, explicit: bool, depth: int) -> int:
     """Walk a sequence of undefined length from its first item; returns the position after its delimiter."""
     if depth > _MAX_DEPTH:
         raise _Unusual
@@ -259,7 +260,7 @@ def _walk_sequence(data: bytes, pos: int, explicit: bool, depth: int) -> int:
             pos = end
 
 
-def _walk_item(data: bytes, pos: int, end: int | None, explicit: bool, depth: int) -> int:
+def _walk_item(data: SourceData, pos: int, end: int | None, explicit: bool, depth: int) -> int:
     """Walk the elements of one sequence item (pydicom parses these while reading the file)."""
     limit = len(data) if end is None else end
     while True:
@@ -294,7 +295,7 @@ def _walk_item(data: bytes, pos: int, end: int | None, explicit: bool, depth: in
                 raise _Unusual
 
 
-def _top_level(data: bytes, pos: int, implicit: bool) -> tuple[dict[int, bytes], bool]:
+def _top_level(data: SourceData, pos: int, implicit: bool) -> tuple[dict[int, bytes], bool]:
     """The raw values of the wanted top-level attributes, up to the pixel data.
 
     Returns
@@ -419,7 +420,7 @@ def _us(raw: bytes | None) -> int | None:
 # --- the record -------------------------------------------------------------------
 
 
-def _quick_image(data: bytes, file: int, max_voxels: int) -> QuickImage | None:
+def _quick_image(data: SourceData, file: int, max_voxels: int) -> QuickImage | None:
     if not has_preamble(data):
         return None
     start, syntax_raw, media_class_raw = _meta(data)

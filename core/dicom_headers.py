@@ -8,7 +8,6 @@ assembly in :mod:`core.dicom_series` never looks at a pydicom Dataset again.
 
 from __future__ import annotations
 
-import io
 import math
 import struct
 import zlib
@@ -29,7 +28,7 @@ from pydicom.uid import (
 )
 
 from core.errors import LimitError, UnsupportedFileError
-from core.sources import DEFAULT_LIMITS, Limits, Source
+from core.sources import DEFAULT_LIMITS, Limits, Source, SourceData, open_data
 
 # Exceptions pydicom raises on damaged or hostile files (truncated elements, bad
 # lengths, nested sequences 100k deep, undecodable strings). They become a Problem
@@ -56,7 +55,7 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 LOCALIZER_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVEY"}
 
 
-def has_preamble(data: bytes) -> bool:
+def has_preamble(data: SourceData) -> bool:
     """Part-10 file: 128-byte preamble followed by "DICM"."""
     return len(data) >= 132 and data[128:132] == b"DICM"
 
@@ -74,7 +73,7 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SNIFF_ELEMENTS = 3
 
 
-def sniff_bare_dataset(data: bytes) -> tuple[bool, bool] | None:
+def sniff_bare_dataset(data: SourceData) -> tuple[bool, bool] | None:
     """Encoding of a dataset that starts at byte 0 (no preamble), when the bytes are clearly DICOM.
 
     Old ACR-NEMA files and some PACS exports have no 128-byte preamble and no
@@ -100,7 +99,7 @@ def sniff_bare_dataset(data: bytes) -> tuple[bool, bool] | None:
     return None
 
 
-def _walks_as_dicom(data: bytes, little: bool, implicit: bool) -> bool:
+def _walks_as_dicom(data: SourceData, little: bool, implicit: bool) -> bool:
     from pydicom.datadict import DicomDictionary
 
     order = "<" if little else ">"
@@ -150,7 +149,7 @@ def _at_pixel_data(tag: Any, vr: str | None, length: int) -> bool:
     return int(tag) in (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
-def read_dataset_bytes(data: bytes, *, stop_before_pixels: bool, defer_size: str | None = None) -> Dataset:
+def read_dataset_bytes(data: SourceData, *, stop_before_pixels: bool, defer_size: str | None = None) -> Dataset:
     """Parse a whole file's bytes: Part 10, or a bare dataset in any of the four encodings.
 
     pydicom guesses the encoding of a file without meta header from its first
@@ -171,10 +170,10 @@ def read_dataset_bytes(data: bytes, *, stop_before_pixels: bool, defer_size: str
     # A meta group without preamble names its transfer syntax: pydicom reads that case itself.
     if encoding is None or data[:2] == b"\x02\x00":
         return pydicom.dcmread(
-            io.BytesIO(data), stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=not has_preamble(data)
+            open_data(data), stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=not has_preamble(data)
         )
     little, implicit = encoding
-    ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_at_pixel_data if stop_before_pixels else None)
+    ds = read_dataset(open_data(data), implicit, little, stop_when=_at_pixel_data if stop_before_pixels else None)
     ds.file_meta = FileMetaDataset()
     if not little:
         ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
@@ -224,7 +223,7 @@ _DEFLATED_DATASET = "1.2.840.10008.1.2.1.99"
 _INFLATE_CHUNK = 1024**2
 
 
-def _meta_transfer_syntax(data: bytes) -> tuple[str, int] | None:
+def _meta_transfer_syntax(data: SourceData) -> tuple[str, int] | None:
     """The file meta's transfer syntax and where the dataset starts, or None when the meta cannot be walked.
 
     Walks the group 0002 elements (always explicit VR little endian, PS3.10 7.1)
@@ -306,14 +305,14 @@ def transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian
 
 
-def has_pixel_data(data: bytes) -> bool:
+def has_pixel_data(data: SourceData) -> bool:
     """Whether a (7FE0,0010/0008/0009) pixel data tag occurs in the bytes.
 
     The header is read with ``stop_before_pixels``, so the parsed dataset cannot
     tell. A stray match inside another value only delays the error to loading.
     """
     return any(
-        tag in data
+        data.find(tag) >= 0  # not `tag in data`: on a memory map `in` looks for one byte
         for tag in (
             b"\xe0\x7f\x10\x00",  # (7FE0,0010) little endian
             b"\x7f\xe0\x00\x10",  # big endian
@@ -323,7 +322,7 @@ def has_pixel_data(data: bytes) -> bool:
     )
 
 
-def skip_reason(ds: Dataset, data: bytes) -> str:
+def skip_reason(ds: Dataset, data: SourceData) -> str:
     """Why a file holds no image volume ("" when it does).
 
     DICOMDIR, structured reports, presentation states, RT structure sets, key

@@ -19,6 +19,7 @@ from pydicom.uid import UID
 
 from core.dicom_headers import READ_ERRORS, read_dataset_bytes, transfer_syntax
 from core.errors import MissingCodecError, UnsupportedFileError
+from core.sources import SourceData
 
 
 def _without_gdcm() -> None:
@@ -195,7 +196,7 @@ def output_dtype(
     return output_type(formats, rescales, has_lut=has_lut).dtype
 
 
-def _full_dataset(data: bytes, name: str) -> Dataset:
+def _full_dataset(data: SourceData, name: str) -> Dataset:
     try:
         ds = read_dataset_bytes(data, stop_before_pixels=False)
     except READ_ERRORS as err:
@@ -212,7 +213,7 @@ def _full_dataset(data: bytes, name: str) -> Dataset:
 _NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 
 
-def native_frame(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
+def native_frame(data: SourceData, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
     """A single grey frame read straight from the end of an uncompressed little-endian file.
 
     Parsing the whole dataset again to reach pixels costs more than copying them
@@ -231,7 +232,7 @@ def native_frame(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelForma
     return None if pixels is None else significant_bits(pixels, fmt)
 
 
-def native_stored(data: bytes, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
+def native_stored(data: SourceData, uid: UID, rows: int, columns: int, fmt: PixelFormat) -> np.ndarray | None:
     """The bytes of :func:`native_frame` as stored, unused high bits untouched (a read-only view of ``data``).
 
     :func:`store_native_frame` clears or sign-extends those bits while it writes
@@ -328,7 +329,9 @@ def store_native_frame(
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, RuntimeError)
 
 
-def iter_frames(data: bytes, name: str, indices: Sequence[int] | None) -> Iterator[tuple[int, np.ndarray, Dataset]]:
+def iter_frames(
+    data: SourceData, name: str, indices: Sequence[int] | None
+) -> Iterator[tuple[int, np.ndarray, Dataset]]:
     """Decode frames of one file.
 
     Parameters

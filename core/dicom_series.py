@@ -94,7 +94,7 @@ from core.dicom_pixels import (
 )
 from core.errors import CoreError, LimitError, SeriesGeometryError, UnsupportedFileError
 from core.series import Problem, ScanResult, Series, SeriesInfo, Skipped, Window
-from core.sources import DEFAULT_LIMITS, Limits, Source
+from core.sources import DEFAULT_LIMITS, Limits, Source, SourceData
 from core.volume import Volume, reorient_to_ras
 
 __all__ = ["is_dicom", "scan_dicom"]
@@ -106,7 +106,7 @@ _TIME_KEYS = ("temporal_position", "acquisition_number", "trigger_time", "acquis
 _DISCRETE_TIME_KEYS = {"temporal_position", "acquisition_number"}
 
 
-def is_dicom(data: bytes) -> bool:
+def is_dicom(data: SourceData) -> bool:
     """Whether bytes look like DICOM, reading at most a few dozen bytes.
 
     True for a Part-10 file ("DICM" at offset 128), and for a bare dataset (no
@@ -306,63 +306,67 @@ def _read_files(sources: Sequence[Source], result: ScanResult, limits: Limits, *
     by_sop: dict[tuple[Any, ...], _File] = {}
     quick_allowed = fast_path and quick_path_allowed()
     for source in sources:
-        if not is_dicom(source.data):
-            result.errors.append(
-                Problem(
-                    source.name, f"{source.name}: not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header)."
-                )
-            )
-            continue
         try:
-            quick = quick_image(source.data, len(files), limits.max_voxels) if quick_allowed else None
-            item: _File | None = None
-            if quick is not None:
-                sop = quick.instance_key
-                item = _File(
-                    source=source,
-                    fmt=quick.fmt,
-                    uid=quick.transfer_syntax,
-                    limits=limits,
-                    rows=quick.rows,
-                    columns=quick.columns,
-                    series_key=quick.series_key,
-                    frames=[quick.frame],
-                )
-            else:
-                ds = read_header(source, limits)
-                reason = skip_reason(ds, source.data)
-                if reason:
-                    result.skipped.append(Skipped(source.name, reason))
-                    continue
-                sop = _instance_key(ds)
-            if sop and sop in by_sop:
-                kept = by_sop[sop]
-                kept.duplicates.append(source.name)
-                result.skipped.append(
-                    Skipped(
-                        source.name, f"same (0008,0018) SOP Instance UID as {kept.name}: a repeated copy, used once"
+            if not is_dicom(source.data):
+                result.errors.append(
+                    Problem(
+                        source.name,
+                        f"{source.name}: not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header).",
                     )
                 )
                 continue
-            if item is None:
-                item = _File(source=source, fmt=pixel_format(ds), uid=transfer_syntax(ds), limits=limits, parsed=ds)
-                _describe_frames(item, len(files), limits)
-                item.series_key = _series_key(ds)
-                item.segmentation = is_segmentation(ds)
-                item.enhanced = is_enhanced(ds)
-        except CoreError as err:
-            result.errors.append(
-                Problem(source.name, err.message if source.name in err.message else f"{source.name}: {err.message}")
-            )
-            continue
-        except READ_ERRORS as err:
-            result.errors.append(
-                Problem(source.name, f"{source.name}: damaged DICOM header ({type(err).__name__}: {err}).")
-            )
-            continue
-        if sop:
-            by_sop[sop] = item
-        files.append(item)
+            try:
+                quick = quick_image(source.data, len(files), limits.max_voxels) if quick_allowed else None
+                item: _File | None = None
+                if quick is not None:
+                    sop = quick.instance_key
+                    item = _File(
+                        source=source,
+                        fmt=quick.fmt,
+                        uid=quick.transfer_syntax,
+                        limits=limits,
+                        rows=quick.rows,
+                        columns=quick.columns,
+                        series_key=quick.series_key,
+                        frames=[quick.frame],
+                    )
+                else:
+                    ds = read_header(source, limits)
+                    reason = skip_reason(ds, source.data)
+                    if reason:
+                        result.skipped.append(Skipped(source.name, reason))
+                        continue
+                    sop = _instance_key(ds)
+                if sop and sop in by_sop:
+                    kept = by_sop[sop]
+                    kept.duplicates.append(source.name)
+                    result.skipped.append(
+                        Skipped(
+                            source.name, f"same (0008,0018) SOP Instance UID as {kept.name}: a repeated copy, used once"
+                        )
+                    )
+                    continue
+                if item is None:
+                    item = _File(source=source, fmt=pixel_format(ds), uid=transfer_syntax(ds), limits=limits, parsed=ds)
+                    _describe_frames(item, len(files), limits)
+                    item.series_key = _series_key(ds)
+                    item.segmentation = is_segmentation(ds)
+                    item.enhanced = is_enhanced(ds)
+            except CoreError as err:
+                result.errors.append(
+                    Problem(source.name, err.message if source.name in err.message else f"{source.name}: {err.message}")
+                )
+                continue
+            except READ_ERRORS as err:
+                result.errors.append(
+                    Problem(source.name, f"{source.name}: damaged DICOM header ({type(err).__name__}: {err}).")
+                )
+                continue
+            if sop:
+                by_sop[sop] = item
+            files.append(item)
+        finally:
+            source.release_pages()  # the header's pages; the pixels are read again at load
     return files
 
 
@@ -1270,6 +1274,8 @@ def _decode_plan(plan: _Plan, out_type: OutputType, is_rgb: bool, has_lut: bool)
         except Exception as err:  # noqa: BLE001 - re-raised below, after the earlier files are stored
             failure = (position, err)
             break
+        finally:
+            item.source.release_pages()
     if failure is not None:
         native = [job for job in native if job[0] < failure[0]]
     errors = [failure] if failure is not None else []
@@ -1334,6 +1340,8 @@ def _store_native_files(
                     )
             except Exception as err:  # noqa: BLE001 - handed to the caller, which raises the first
                 return [(position, err)]
+            finally:
+                item.source.release_pages()  # the file's pixels are in the volume now
         return []
 
     if not jobs:

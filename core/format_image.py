@@ -76,7 +76,7 @@ def _open(source: Source, fmt: str) -> Any:
         with _warnings.catch_warnings():
             # Our own caps (Limits) decide; Pillow's bomb warning would only add noise.
             _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(source.data), formats=[fmt])
+            return Image.open(io.BytesIO(source.as_bytes()), formats=[fmt])
     except Image.DecompressionBombError as err:
         raise LimitError(
             f"{source.name}: {err} Downsample the picture before uploading it.", source=source.name
@@ -100,7 +100,7 @@ def read_image(source: Source, limits: Limits) -> Series:
     LimitError
         More pixels than allowed.
     """
-    fmt = image_format(source.data)
+    fmt = image_format(source.as_bytes())
     if fmt is None:
         raise UnsupportedFileError(f"{source.name}: not a PNG, JPEG or TIFF file.", source=source.name)
     image = _open(source, fmt)
@@ -143,7 +143,7 @@ def read_image(source: Source, limits: Limits) -> Series:
     affine = complete_affine(np.diag(flip), flip * 0.0, shape[:3], name=source.name)
     info = {"format": fmt, "mode": mode, "width": size[0], "height": size[1], "pages": n_pages}
     info.update({str(k): str(v)[:200] for k, v in image.info.items() if isinstance(v, str | int | float | tuple)})
-    data = source.data
+    data = source.as_bytes()
     name = source.name
 
     def decode() -> np.ndarray:

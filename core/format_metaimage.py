@@ -209,7 +209,7 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
         Damaged header, a data file outside the upload, over a cap, broken geometry.
     """
     name = source.name
-    fields, listing, data_start = parse_header(source.data, name)
+    fields, listing, data_start = parse_header(source.as_bytes(), name)
     warnings: list[str] = []
     object_type = _get(fields, "ObjectType")
     if object_type is not None and object_type.lower() != "image":
@@ -300,9 +300,9 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
 
     def piece_bytes(piece: Source | None) -> memoryview:
         if piece is None:
-            view = memoryview(source.data)[data_start:]
+            view = memoryview(source.as_bytes())[data_start:]
         else:
-            view = memoryview(piece.data)
+            view = memoryview(piece.as_bytes())
             if header_size > 0:
                 view = view[header_size:]
             elif header_size == -1 and binary and not compressed:

@@ -360,7 +360,7 @@ def nifti_affine(hdr, spatial: Sequence[int], name: str) -> tuple[np.ndarray, li
 
 def _header_bytes_single(source: Source, kind_size: int) -> tuple[bytes, int]:
     """Header + extensions of a single-file NIfTI (inflating only that much), and vox_offset."""
-    data = source.data
+    data = source.as_bytes()
     gz = is_gzip(data)
     head = inflate_prefix(data, kind_size, name=source.name) if gz else bytes(data[:kind_size])
     kind = sniff_header(head)
@@ -390,7 +390,7 @@ def read_nifti_single(source: Source, limits: Limits) -> Series:
     UnsupportedFileError, LimitError, SeriesGeometryError
         Damaged header, over a cap, broken geometry.
     """
-    data = source.data
+    data = source.as_bytes()
     gz = is_gzip(data)
     sniff = inflate_prefix(data, NIFTI2_SIZE, name=source.name) if gz else bytes(data[:NIFTI2_SIZE])
     kind = sniff_header(sniff)
@@ -430,7 +430,7 @@ def read_nifti_single(source: Source, limits: Limits) -> Series:
 
 def pair_header_kind(source: Source) -> HeaderKind | None:
     """The kind of a (possibly gzipped) ``.hdr`` of a pair, or None when it is not one."""
-    data = source.data
+    data = source.as_bytes()
     head = inflate_prefix(data, NIFTI2_SIZE, name=source.name) if is_gzip(data) else bytes(data[:NIFTI2_SIZE])
     kind = sniff_header(head)
     return kind if kind is not None and not kind.single else None
@@ -478,7 +478,7 @@ def read_pair(header: Source, image: Source, limits: Limits) -> Series:
     UnsupportedFileError, LimitError, SeriesGeometryError
         Damaged header, over a cap, broken geometry, image file too short.
     """
-    hdr_data = header.data
+    hdr_data = header.as_bytes()
     head = inflate_prefix(hdr_data, 1024**2, name=header.name) if is_gzip(hdr_data) else bytes(hdr_data)
     kind = sniff_header(head)
     if kind is None or kind.single:
@@ -489,7 +489,7 @@ def read_pair(header: Source, image: Source, limits: Limits) -> Series:
     offset = int(hdr.get_data_offset())
     if offset < 0 or offset > MAX_VOX_OFFSET:
         raise UnsupportedFileError(f"{header.name}: vox_offset = {offset} is out of range.", source=header.name)
-    img_data = image.data
+    img_data = image.as_bytes()
     img_gz = is_gzip(img_data)
     if not img_gz:
         require_bytes(image.name, len(img_data), offset + nbytes, what="the image file")

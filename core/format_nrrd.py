@@ -405,7 +405,7 @@ def read_nrrd(source: Source, upload: Sequence[Source], limits: Limits) -> tuple
         Damaged header, a data file outside the upload, over a cap, broken geometry.
     """
     name = source.name
-    hdr = parse_header(source.data, name)
+    hdr = parse_header(source.as_bytes(), name)
     plan, affine, warnings, is_rgb = _plan(hdr, name, limits)
     nbytes = math.prod(plan.sizes) * plan.raw_dtype.itemsize
     if hdr.data_files:
@@ -427,15 +427,15 @@ def read_nrrd(source: Source, upload: Sequence[Source], limits: Limits) -> tuple
     if encoding == "raw":  # the only encoding whose size is known without decoding
         skip = max(int(hdr.fields.get("byte skip", "0")), 0)
         for piece in pieces or [source]:
-            available = len(piece.data) - (hdr.data_start if piece is source else 0) - skip
+            available = len(piece.as_bytes()) - (hdr.data_start if piece is source else 0) - skip
             require_bytes(piece.name, available, per_piece, what="the raw data")
     data_start = max(hdr.data_start, 0)
 
     def decode() -> np.ndarray:
         if pieces:
-            decoded = [_decode_piece(p.data, per_piece, hdr, plan.raw_dtype, p.name) for p in pieces]
+            decoded = [_decode_piece(p.as_bytes(), per_piece, hdr, plan.raw_dtype, p.name) for p in pieces]
         else:
-            decoded = [_decode_piece(memoryview(source.data)[data_start:], nbytes, hdr, plan.raw_dtype, name)]
+            decoded = [_decode_piece(memoryview(source.as_bytes())[data_start:], nbytes, hdr, plan.raw_dtype, name)]
         if len(decoded) == 1 and isinstance(decoded[0], np.ndarray):
             flat = decoded[0]
         elif any(isinstance(d, np.ndarray) for d in decoded):

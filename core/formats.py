@@ -39,7 +39,7 @@ def _sniff(source: Source) -> str:
     Magic bytes decide; the name only helps for the MetaImage text header
     (which has no magic) and is otherwise used in messages.
     """
-    data = source.data
+    data = source.as_bytes()
     if source.basename.lower() in _LITTER:
         return "litter"
     if is_nrrd(data):

@@ -3,17 +3,27 @@
 Inputs to ``core`` are plain ``Source(name, data)`` values, never Streamlit
 objects or open files. Names are only labels: nothing here writes to disk, and a
 name inside a zip is never used as a path.
+
+``data`` is ``bytes``, except for DICOM files the CLI reads from disk: those are
+read-only memory maps (:func:`read_paths`), so a series' file bytes live in the
+kernel's page cache rather than in the process (a 1 GB series would otherwise
+be held twice: its files and its volume). Code that reads ``data`` uses what
+both types share: ``len``, slices (which give ``bytes``), ``find``/``rfind``,
+and the buffer protocol (``memoryview``, ``np.frombuffer``, ``io.BytesIO``).
+``x in data`` is not shared: on a map it tests for one byte.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, TypeAlias
 
 from core.errors import LimitError, UnsupportedFileError
 
@@ -32,12 +42,33 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+SourceData: TypeAlias = bytes | mmap.mmap
+
+
 @dataclass(frozen=True, eq=False)
 class Source:
     """One uploaded file: a display name (relative path inside the upload) and its bytes."""
 
     name: str
-    data: bytes
+    data: SourceData
+
+    def as_bytes(self) -> bytes:
+        """The data as ``bytes``: itself, or a copy of a mapped file (for readers that need ``bytes``)."""
+        return self.data if isinstance(self.data, bytes) else bytes(self.data)
+
+    def release_pages(self) -> None:
+        """Give back the pages of a memory-mapped file this process has touched (no-op for bytes).
+
+        The next access reads them again from the page cache. Called once a
+        file's header has been read and once its pixels are in the volume, so
+        the process never holds the file bytes and the volume at the same time.
+        """
+        if isinstance(self.data, mmap.mmap):
+            self.data.madvise(mmap.MADV_DONTNEED)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A map cannot cross a process boundary; its bytes can.
+        return (Source, (self.name, self.as_bytes()))
 
     @property
     def basename(self) -> str:
@@ -53,7 +84,55 @@ class Source:
         return PurePosixPath(lower).suffix
 
 
-def is_zip(data: bytes) -> bool:
+def open_data(data: SourceData) -> BinaryIO:
+    """A read-only binary file over the data, without copying it.
+
+    ``io.BytesIO`` shares a ``bytes`` object but copies anything else (a whole
+    mapped file, kept alive by a pydicom dataset that reads lazily from it).
+    """
+    if isinstance(data, bytes):
+        return io.BytesIO(data)
+    # Not wrapped in io.BufferedReader: pydicom takes one for a file on disk and reopens it by name.
+    return _ViewReader(memoryview(data))
+
+
+class _ViewReader(io.RawIOBase, BinaryIO):
+    """A seekable reader over a memoryview, for :func:`open_data`."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._pos + size
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET and offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)  # as io.BytesIO: relative seeks stop at the start
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def is_zip(data: SourceData) -> bool:
     return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
 
 
@@ -101,7 +180,7 @@ def _check_total(total: int, limits: Limits) -> None:
         )
 
 
-def _declared_member_count(data: bytes) -> int | None:
+def _declared_member_count(data: SourceData) -> int | None:
     """The number of members the zip's end-of-central-directory record declares, or None if not found.
 
     Read from the last bytes only, before :class:`zipfile.ZipFile` builds one
@@ -198,6 +277,12 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
     GIL, and on a 300-file series the kernel's copying is most of the time); the
     list keeps the order of the arguments and of sorted folder entries, and the
     first error in that order is raised.
+
+    DICOM files (the "DICM" marker at byte 128) of at least ``_MAP_MIN_BYTES``
+    are memory-mapped read-only instead of read (see the module docstring), as
+    long as the process has file descriptors to spare: each map keeps one open.
+    A file changed or truncated while the command runs is therefore read as it is
+    then; do not edit the inputs of a running command.
     """
     # (name, path to read) or (argument, None) for an argument that does not exist.
     entries: list[tuple[str, Path | None]] = []
@@ -213,15 +298,18 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
             entries.append((str(raw), None))
             break  # nothing after it is read: the error is raised when the files before it are in
 
-    def read(entry: tuple[str, Path | None]) -> bytes | None:
-        return None if entry[1] is None else entry[1].read_bytes()
+    budget = _map_budget()  # the first `budget` files may be mapped
+
+    def read(numbered: tuple[int, tuple[str, Path | None]]) -> SourceData | None:
+        index, (_, path) = numbered
+        return None if path is None else _read_file(path, mappable=index < budget)
 
     threads = min(_READ_THREADS, len(entries))
     if threads > 1:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-paths") as pool:
-            contents = list(pool.map(read, entries))
+            contents = list(pool.map(read, enumerate(entries)))
     else:
-        contents = [read(entry) for entry in entries]
+        contents = [read(numbered) for numbered in enumerate(entries)]
     sources: list[Source] = []
     for (name, _), data in zip(entries, contents, strict=True):
         if data is None:
@@ -229,6 +317,42 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
         sources.append(Source(name=name, data=data))
     return sources
 
+
+def _read_file(path: Path, *, mappable: bool) -> SourceData:
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if mappable and size >= _MAP_MIN_BYTES and os.pread(handle.fileno(), 4, 128) == b"DICM":
+            try:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                pass  # out of descriptors or maps, or a file that cannot be mapped: read it
+            else:
+                mapped.madvise(mmap.MADV_WILLNEED)  # read ahead into the page cache, not into this process
+                return mapped
+        return handle.read()
+
+
+def _map_budget() -> int:
+    """How many files may still be mapped: the open-file limit minus open descriptors and a reserve.
+
+    0 where the open descriptors cannot be counted (no ``/proc``).
+    """
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_now = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, soft - open_now - _FD_RESERVE)
+
+
+# Smaller files are read: a map costs a descriptor and a system call or two.
+_MAP_MIN_BYTES = 64 * 1024
+# Descriptors left for everything else the process opens (outputs, libraries, workers).
+_FD_RESERVE = 256
 
 # Two cores share the page-cache copying; more threads only add contention.
 _READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -73,9 +73,7 @@ class Volume:
             raise SeriesGeometryError("affine is singular (a voxel size or direction is zero)")
         spatial = 4 if self.is_rgb else 3
         if self.array.ndim not in (spatial, spatial + 1):
-            raise SeriesGeometryError(
-                f"volume must have 3 spatial axes (+ time), got array shape {self.array.shape}"
-            )
+            raise SeriesGeometryError(f"volume must have 3 spatial axes (+ time), got array shape {self.array.shape}")
         if self.is_rgb and self.array.shape[-1] != 3:
             raise SeriesGeometryError(f"RGB volume needs 3 components, got {self.array.shape[-1]}")
         array = self.array
