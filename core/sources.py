@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, TypeAlias
+from typing import Any, BinaryIO, TypeAlias, cast
+
+from isal import isal_zlib
 
 from core.errors import LimitError, UnsupportedFileError
 
@@ -226,7 +228,7 @@ def _zip_members(source: Source, limits: Limits) -> list[Source]:
             "Split the archive by series.",
             source=source.name,
         )
-    members: list[Source] = []
+    wanted: list[tuple[zipfile.ZipInfo, str]] = []
     declared_total = 0
     for info in infos:
         name = info.filename.replace("\\", "/")
@@ -247,26 +249,80 @@ def _zip_members(source: Source, limits: Limits) -> list[Source]:
             )
         declared_total += info.file_size
         _check_total(declared_total, limits)
-        try:
-            # Read at most the declared size + 1 so a lying header cannot inflate further.
+        if info.file_size:
+            # The member path is a label only; strip anything that looks absolute or climbs up.
+            wanted.append((info, "/".join(part for part in PurePosixPath(name).parts if part not in ("..", "/", ""))))
+
+    def read(item: tuple[zipfile.ZipInfo, str]) -> Source | None:
+        info, safe = item
+        data = _inflate(source, archive, info)
+        return Source(name=f"{source.basename}/{safe.lstrip('/')}", data=data) if data else None
+
+    # Inflating is most of an upload's scan time, and zlib releases the GIL: a few threads share it.
+    threads = min(_READ_THREADS, len(wanted))
+    if threads > 1 and sum(info.compress_size for info, _ in wanted) >= _THREADED_INFLATE_BYTES:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inflate") as pool:
+            found = list(pool.map(read, wanted))
+    else:
+        found = [read(item) for item in wanted]
+    return [member for member in found if member is not None]
+
+
+def _inflate(source: Source, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, at most its declared size; raw deflate straight from the archive's memory.
+
+    Members stored or deflated (nearly every zip) are inflated here with isal
+    from a view of the archive (no copy, ~2x zlib's speed) and their CRC-32 is
+    checked as :mod:`zipfile` does; other methods (bzip2, LZMA) go through
+    :mod:`zipfile`. Reading at most the declared size + 1 means a lying header
+    cannot inflate further.
+    """
+    base = PurePosixPath(info.filename.replace("\\", "/")).name
+    try:
+        raw = _raw_member(source.data, info)
+        if raw is None:
             with archive.open(info) as handle:
                 data = handle.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as err:
-            raise UnsupportedFileError(
-                f"{source.name}: member {base} cannot be read ({err}). The archive is damaged or truncated.",
-                source=source.name,
-            ) from err
-        if len(data) > info.file_size:
-            raise LimitError(
-                f"{source.name}: member {base} holds more data than its header declares.",
-                source=source.name,
-            )
-        if not data:
-            continue
-        # The member path is a label only; strip anything that looks absolute or climbs up.
-        safe = "/".join(part for part in PurePosixPath(name).parts if part not in ("..", "/", ""))
-        members.append(Source(name=f"{source.basename}/{safe.lstrip('/')}", data=data))
-    return members
+        else:
+            data = raw.tobytes() if info.compress_type == zipfile.ZIP_STORED else _inflate_raw(raw, info.file_size + 1)
+            if len(data) == info.file_size and isal_zlib.crc32(data) != info.CRC:
+                raise zipfile.BadZipFile(f"bad CRC-32 for file {base!r}")
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError, _IsalError) as err:
+        raise UnsupportedFileError(
+            f"{source.name}: member {base} cannot be read ({err}). The archive is damaged or truncated.",
+            source=source.name,
+        ) from err
+    if len(data) > info.file_size:
+        raise LimitError(
+            f"{source.name}: member {base} holds more data than its header declares.",
+            source=source.name,
+        )
+    if len(data) < info.file_size:
+        raise UnsupportedFileError(
+            f"{source.name}: member {base} is shorter than its header declares. The archive is damaged or truncated.",
+            source=source.name,
+        )
+    return data
+
+
+def _raw_member(data: SourceData, info: zipfile.ZipInfo) -> memoryview | None:
+    """The member's stored bytes, located through its local header; None when zipfile must read it."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return None
+    start = info.header_offset
+    header = data[start : start + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local file header for {info.filename!r}")
+    begin = start + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    end = begin + info.compress_size
+    if end > len(data):
+        raise zipfile.BadZipFile(f"member {info.filename!r} runs past the end of the archive")
+    return memoryview(data)[begin:end]
+
+
+def _inflate_raw(raw: memoryview, max_length: int) -> bytes:
+    inflater = isal_zlib.decompressobj(-15)  # raw deflate, no zlib header
+    return inflater.decompress(raw, max_length)
 
 
 def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
@@ -353,6 +409,12 @@ def _map_budget() -> int:
 _MAP_MIN_BYTES = 64 * 1024
 # Descriptors left for everything else the process opens (outputs, libraries, workers).
 _FD_RESERVE = 256
+
+# isal's stub declares its error class as an instance.
+_IsalError = cast("type[Exception]", isal_zlib.error)
+
+# Below this many compressed bytes, inflating in threads costs more than it saves.
+_THREADED_INFLATE_BYTES = 8 * 1024**2
 
 # Two cores share the page-cache copying; more threads only add contention.
 _READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+import numpy as np
 import pytest
 
 from core.errors import LimitError, UnsupportedFileError
@@ -100,3 +101,69 @@ def test_read_paths_pools_folders_and_skips_symlinks(tmp_path) -> None:
     assert names == ["c.nii", "study/a.dcm", "study/sub/b.dcm"]
     with pytest.raises(UnsupportedFileError, match="no such file"):
         read_paths([tmp_path / "missing"])
+
+
+# --- inflating members (isal, from a view of the archive, in threads for big archives) -----------------------------
+
+
+def _member_offset(archive: bytes, name: str) -> int:
+    """Where a member's stored bytes begin, from its local header."""
+    info = zipfile.ZipFile(io.BytesIO(archive)).getinfo(name)
+    header = archive[info.header_offset : info.header_offset + 30]
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+def test_members_inflate_to_what_zipfile_reads_for_every_method() -> None:
+    rng = np.random.default_rng(3)
+    members = {f"m{n}.bin": rng.integers(0, 8, 50_000 + n, dtype=np.uint8).tobytes() for n in range(4)}
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        out = expand_sources([Source("a.zip", make_zip(members, method))])
+        assert {s.basename: s.data for s in out} == members, method
+
+
+def test_a_big_archive_inflates_in_threads_in_member_order() -> None:
+    # More than 8 MB compressed takes the threaded path; the order must stay the archive's.
+    rng = np.random.default_rng(4)
+    members = {f"s/{n:03d}.dcm": rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() for n in range(40)}
+    out = expand_sources([Source("big.zip", make_zip(members))])
+    assert [s.name for s in out] == [f"big.zip/{name}" for name in members]
+    assert all(s.data == members[s.name.removeprefix("big.zip/")] for s in out)
+
+
+def test_a_flipped_byte_fails_the_crc_check() -> None:
+    data = b"".join(bytes([n % 251]) for n in range(5000))
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        archive = bytearray(make_zip({"x.dcm": data}, method))
+        offset = _member_offset(bytes(archive), "x.dcm") + 100 if method == zipfile.ZIP_STORED else None
+        if offset is None:
+            # Inside deflate data a flip may break the stream instead: either way a clear error.
+            offset = _member_offset(bytes(archive), "x.dcm") + 20
+        archive[offset] ^= 0x01
+        with pytest.raises(UnsupportedFileError, match="damaged or truncated"):
+            expand_sources([Source("flip.zip", bytes(archive))])
+
+
+def test_a_member_declaring_fewer_bytes_than_it_holds_is_refused() -> None:
+    archive = bytearray(make_zip({"x.dcm": b"A" * 10_000}))
+    info = zipfile.ZipFile(io.BytesIO(bytes(archive))).getinfo("x.dcm")
+    central = bytes(archive).rfind(b"PK\x01\x02")
+    archive[central + 24 : central + 28] = (5_000).to_bytes(4, "little")  # uncompressed size in the directory
+    with pytest.raises(LimitError, match="more data than its header declares"):
+        expand_sources([Source("liar.zip", bytes(archive))])
+    assert info.file_size == 10_000
+
+
+def test_a_member_shorter_than_declared_is_refused() -> None:
+    archive = bytearray(make_zip({"x.dcm": b"B" * 10_000}, zipfile.ZIP_STORED))
+    central = bytes(archive).rfind(b"PK\x01\x02")
+    archive[central + 24 : central + 28] = (20_000).to_bytes(4, "little")  # declares more than stored
+    with pytest.raises(UnsupportedFileError, match="damaged or truncated|shorter"):
+        expand_sources([Source("short.zip", bytes(archive))])
+
+
+def test_a_local_header_that_is_not_one_is_a_clear_error() -> None:
+    archive = bytearray(make_zip({"w.dcm": b"W" * 1000, "x.dcm": b"C" * 1000}))
+    info = zipfile.ZipFile(io.BytesIO(bytes(archive))).getinfo("x.dcm")
+    archive[info.header_offset : info.header_offset + 4] = b"XXXX"  # the second member's local header
+    with pytest.raises(UnsupportedFileError, match="damaged or truncated"):
+        expand_sources([Source("bad.zip", bytes(archive))])
