@@ -546,3 +546,18 @@ def make_series(
         return finish_volume(array, file_affine, info, unit=unit)
 
     return Series(info=info, loader=load, headers=tuple(headers))
+
+
+def text_values(view: memoryview, count: int, dtype: np.dtype, label: str) -> np.ndarray:
+    """The first ``count`` numbers of text pixel data (NRRD ``encoding: ascii``, MetaImage ``BinaryData = False``)."""
+    try:
+        values = np.array(bytes(view).split(), dtype=np.float64)
+    except ValueError as err:
+        raise UnsupportedFileError(
+            f"{label}: the text data holds something that is not a number.", source=label
+        ) from err
+    if values.size < count:
+        raise UnsupportedFileError(
+            f"{label}: the text data holds {values.size:,} numbers but the header declares {count:,}.", source=label
+        )
+    return values[:count].astype(dtype.newbyteorder("="))

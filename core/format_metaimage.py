@@ -29,6 +29,7 @@ from core.format_common import (
     make_series,
     require_bytes,
     resolve_data_file,
+    text_values,
     to_value_dtype,
     value_dtype,
 )
@@ -141,21 +142,6 @@ def _integer(fields: dict[str, str], name: str, key: str, default: int) -> int:
     if not value.is_integer():
         raise UnsupportedFileError(f"{name}: MetaImage {key} = '{text}' is not an integer.", source=name)
     return int(value)
-
-
-def _text_values(view: memoryview, count: int, dtype: np.dtype, label: str) -> np.ndarray:
-    """Numbers of an ASCII MetaImage (``BinaryData = False``)."""
-    try:
-        values = np.array(bytes(view).split(), dtype=np.float64)
-    except ValueError as err:
-        raise UnsupportedFileError(
-            f"{label}: the text pixel data holds something that is not a number.", source=label
-        ) from err
-    if values.size < count:
-        raise UnsupportedFileError(
-            f"{label}: the text data holds {values.size:,} numbers but the header declares {count:,}.", source=label
-        )
-    return values[:count].astype(dtype.newbyteorder("="))
 
 
 def _true(value: str | None) -> bool:
@@ -322,7 +308,7 @@ def read_metaimage(source: Source, upload: Sequence[Source], limits: Limits) -> 
             label = piece.name if piece else name
             view = piece_bytes(piece)
             if not binary:
-                decoded.append(_text_values(view, per_piece // raw_dtype.itemsize, raw_dtype, label))
+                decoded.append(text_values(view, per_piece // raw_dtype.itemsize, raw_dtype, label))
             elif compressed:
                 decoded.append(inflate_capped(view, per_piece, name=label, what="compressed pixel data"))
             else:

@@ -282,11 +282,12 @@ def _decode(buffer: bytes | bytearray | memoryview, offset: int, layout: _Layout
 # --------------------------------------------------------------------------- geometry
 
 
-def _corners(spatial: Sequence[int]) -> np.ndarray:
-    """Homogeneous voxel coordinates of the 8 corner voxel centres, shape (4, 8)."""
+def form_gap_mm(first: np.ndarray, second: np.ndarray, spatial: Sequence[int]) -> float:
+    """Largest distance (mm) between where two voxel -> world affines put the corner voxels of a grid."""
     ranges = [(0, max(int(n) - 1, 0)) for n in spatial[:3]]
-    pts = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1)
-    return np.vstack([pts, np.ones((1, pts.shape[1]))])
+    points = np.array(np.meshgrid(*ranges, indexing="ij"), dtype=float).reshape(3, -1)
+    corners = np.vstack([points, np.ones((1, points.shape[1]))])
+    return float(np.max(np.linalg.norm((np.asarray(first) @ corners - np.asarray(second) @ corners)[:3], axis=0)))
 
 
 def _usable(matrix: np.ndarray | None, spatial: Sequence[int], name: str) -> np.ndarray | None:
@@ -336,8 +337,7 @@ def nifti_affine(hdr, spatial: Sequence[int], name: str) -> tuple[np.ndarray, li
     if qcode > 0 and q_ok is None:
         warnings.append(f"the qform (code {qcode}) is unusable (NaN or singular) and was ignored")
     if s_ok is not None and q_ok is not None:
-        corners = _corners(spatial)
-        gap = float(np.max(np.linalg.norm((s_ok @ corners - q_ok @ corners)[:3], axis=0)))
+        gap = form_gap_mm(s_ok, q_ok, spatial)
         if gap > FORM_TOLERANCE_MM:
             warnings.append(
                 f"sform and qform disagree by up to {gap:.3g} mm; the sform (code {scode}) is used, as in "

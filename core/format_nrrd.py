@@ -28,6 +28,7 @@ from core.format_common import (
     make_series,
     require_bytes,
     resolve_data_file,
+    text_values,
     to_value_dtype,
     value_dtype,
 )
@@ -358,18 +359,7 @@ def _decode_piece(
         out = bunzip2_capped(view, expected + byte_skip, name=name, what="bzip2 data")
         return memoryview(out)[byte_skip:]
     if encoding in ("ascii", "text", "txt"):
-        count = expected // raw_dtype.itemsize
-        try:
-            values = np.array(bytes(view).split(), dtype=np.float64)
-        except ValueError as err:
-            raise UnsupportedFileError(
-                f"{name}: the text data holds something that is not a number.", source=name
-            ) from err
-        if values.size < count:
-            raise UnsupportedFileError(
-                f"{name}: the text data holds {values.size:,} numbers but the header declares {count:,}.", source=name
-            )
-        return values[:count].astype(raw_dtype.newbyteorder("="))
+        return text_values(view, expected // raw_dtype.itemsize, raw_dtype, name)
     if encoding == "hex":
         try:
             raw = bytes.fromhex(re.sub(rb"\s+", b"", bytes(view)).decode("ascii"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from core.deidentify import is_identifying_element, safe_description
+from core.format_nifti import form_gap_mm
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
@@ -604,13 +604,6 @@ def _spatial_shape(header: Any) -> tuple[int, int, int]:
     return tuple((shape + (1, 1, 1))[:3])  # type: ignore[return-value]
 
 
-def _corners(shape: Sequence[int]) -> np.ndarray:
-    """(4, 8) homogeneous voxel coordinates of the corner voxels of a grid."""
-    ranges = [(0, max(int(n) - 1, 0)) for n in shape[:3]]
-    points = np.array(list(itertools.product(*ranges)), dtype=float).T
-    return np.vstack([points, np.ones((1, points.shape[1]))])
-
-
 def qform_sform_disagreement_mm(header: Any) -> float | None:
     """Largest distance (mm) between where qform and sform put the corners of the grid.
 
@@ -623,9 +616,7 @@ def qform_sform_disagreement_mm(header: Any) -> float | None:
     _s, scode = header.get_sform(coded=True)
     if not qcode or not scode:
         return None
-    corners = _corners(_spatial_shape(header))
-    distance = np.linalg.norm((header.get_qform() @ corners - header.get_sform() @ corners)[:3], axis=0)
-    return float(distance.max())
+    return form_gap_mm(header.get_qform(), header.get_sform(), _spatial_shape(header))
 
 
 def header_warnings(header: Any, *, tolerance_mm: float = 1e-3) -> list[str]:
