@@ -61,7 +61,10 @@ from pages.common import plain, require_volume, show_error
 
 VIEW_CSS = """
 .tf-view { width: 100%; font-family: var(--st-font, sans-serif); }
-.tf-frame { width: 100%; display: flex; justify-content: center; background: #000; border-radius: 4px; }
+/* The frame is at least as tall as it is wide (up to the height cap), so a thin slab's coronal or
+   sagittal view sits in a panel like the others, with its letters and title outside the image. */
+.tf-frame { position: relative; width: 100%; display: flex; justify-content: center; align-items: center;
+  background: #000; border-radius: 4px; }
 .tf-stage { position: relative; display: inline-block; line-height: 0; }
 .tf-image { display: block; cursor: crosshair; user-select: none; -webkit-user-drag: none; }
 .tf-cross { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
@@ -160,8 +163,10 @@ function layout(root) {
   const available = Math.max(50, root.clientWidth);
   const tallest = Math.max(120, window.innerHeight * s.maxHeight);
   const scale = Math.min(available / s.width, tallest / s.height);
+  const height = Math.round(s.height * scale);
   img.style.width = Math.round(s.width * scale) + "px";
-  img.style.height = Math.round(s.height * scale) + "px";
+  img.style.height = height + "px";
+  root.querySelector(".tf-frame").style.height = Math.max(height, Math.round(Math.min(available, tallest))) + "px";
 }
 
 // The crosshair is the voxel of the shared cursor (window.__tomoforgeCursor, set by the
@@ -192,10 +197,10 @@ export default function (component) {
     root.className = "tf-view";
     root.innerHTML = '<div class="tf-frame"><div class="tf-stage">' +
       '<img class="tf-image" draggable="false">' +
-      '<svg class="tf-cross" preserveAspectRatio="none"><line class="tf-h"/><line class="tf-v"/></svg>' +
+      '<svg class="tf-cross" preserveAspectRatio="none"><line class="tf-h"/><line class="tf-v"/></svg></div>' +
       '<span class="tf-letter tf-left"></span><span class="tf-letter tf-right"></span>' +
       '<span class="tf-letter tf-top"></span><span class="tf-letter tf-bottom"></span>' +
-      '<span class="tf-info"></span></div></div><div class="tf-readout" aria-live="polite"></div>';
+      '<span class="tf-info"></span></div><div class="tf-readout" aria-live="polite"></div>';
     parentElement.appendChild(root);
     root._img = root.querySelector(".tf-image");
     const readoutEl = root.querySelector(".tf-readout");

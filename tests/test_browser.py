@@ -44,7 +44,17 @@ def app_url() -> Iterator[str]:
     port = _free_port()
     env = dict(os.environ, STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -138,4 +148,55 @@ def test_viewer_slider_changes_the_painted_image(app_url: str, browser, tmp_path
     assert width > 0
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+    page.close()
+
+
+def test_a_thin_slab_sits_in_a_panel_like_the_others(app_url: str, browser, tmp_path) -> None:
+    """A 6-slice CT's coronal and sagittal views are thin strips in true proportions (12 x 200 mm);
+    their letters and titles go to the panel's edges instead of over the strip, and the three
+    panels line up at one height."""
+    import numpy as np
+
+    from tests.dicom_factory import lps_affine, make_series, write_sources
+
+    pixels = np.random.default_rng(5).integers(-1000, 1000, (6, 128, 128), dtype=np.int16)
+    folder = write_sources(
+        make_series(pixels, affine=lps_affine(pixel_spacing=(1.6, 1.6), slice_step=2.0), rescale=(1.0, 0.0)),
+        tmp_path / "thin",
+    )
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in sorted(folder.iterdir())])
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    page.get_by_role("link", name="View").click()
+    page.locator("img[alt='Coronal view']").wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    page.screenshot(path=str(tmp_path / "thin.png"), full_page=True)
+
+    def box(plane: str, selector: str) -> dict:
+        found = page.locator(f".st-key-view_{plane} {selector}").bounding_box()
+        assert found is not None, (plane, selector)
+        return found
+
+    def overlap(a: dict, b: dict) -> bool:
+        return not (
+            a["x"] + a["width"] <= b["x"]
+            or b["x"] + b["width"] <= a["x"]
+            or a["y"] + a["height"] <= b["y"]
+            or b["y"] + b["height"] <= a["y"]
+        )
+
+    heights = set()
+    for plane in ("axial", "coronal", "sagittal"):
+        image, info = box(plane, "img.tf-image"), box(plane, ".tf-info")
+        letters = {edge: box(plane, f".tf-{edge}") for edge in ("left", "right", "top", "bottom")}
+        assert not any(overlap(info, letter) for letter in letters.values()), plane
+        heights.add(round(box(plane, ".tf-frame")["height"]))
+        if plane != "axial":
+            assert image["height"] < 0.2 * image["width"], "a 12 mm slab across 205 mm should be a strip"
+            assert not overlap(letters["top"], image) and not overlap(letters["bottom"], image), plane
+            assert not overlap(info, image), plane
+    assert len(heights) == 1, f"the three panels differ in height: {heights}"
     page.close()
