@@ -524,7 +524,9 @@ def _check_orientation(stack: SliceStack) -> Check:
         detail = "one affine for the whole volume"
     elif passed:
         detail = (
-            f"all direction cosines agree within {stack.orientation_spread:.2g} (tolerance {ORIENTATION_TOLERANCE:g})"
+            "all direction cosines are identical"
+            if stack.orientation_spread == 0
+            else f"all direction cosines agree within {stack.orientation_spread:.2g} (tolerance {ORIENTATION_TOLERANCE:g})"
         )
     else:
         detail = (

@@ -74,6 +74,11 @@ is_ct = volume.modality.upper() == "CT" or volume.unit == "HU"
 unit = volume.unit or "value"
 
 
+def short_figure(value: float) -> str:
+    """1761.17 -> "1,761", 190.71 -> "190.7", 0.04321 -> "0.04321"."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _lowest_value(array: np.ndarray) -> float:
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
     return float(finite.min()) if finite.size else 0.0
@@ -340,9 +345,10 @@ for mesh, fig in zip(result.meshes, result.figures, strict=True):
 if len(rows) == 1:
     row = rows[0]
     cols = st.columns(6)
+    # Metrics are narrow: four significant digits fit with the unit; the table has the full figures.
     cols[0].metric("Triangles", f"{row['triangles']:,}")
-    cols[1].metric("Volume", f"{row['volume (mL)']:g} mL")
-    cols[2].metric("Area", f"{row['area (cm²)']:g} cm²")
+    cols[1].metric("Volume", f"{short_figure(row['volume (mL)'])} mL")
+    cols[2].metric("Area", f"{short_figure(row['area (cm²)'])} cm²")
     cols[3].metric("Pieces", row["pieces"])
     cols[4].metric("Watertight", row["watertight"])
     cols[5].metric("Manifold", row["manifold"])
