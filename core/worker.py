@@ -487,8 +487,16 @@ class _Pickler(pickle.Pickler):
             and obj.dtype.fields is None
             and not obj.dtype.hasobject
         ):
-            self.blobs.append(_memfd_with(obj, obj.nbytes))
-            return ("ndarray", len(self.blobs) - 1, obj.shape, obj.dtype.str, bool(obj.flags.writeable))
+            found = None if obj.flags.c_contiguous else _dense_view(obj)
+            if found is None:  # C-ordered already, or with gaps between elements (a strided slice)
+                self.blobs.append(_memfd_with(obj, obj.nbytes))
+                return ("ndarray", len(self.blobs) - 1, obj.shape, obj.dtype.str, bool(obj.flags.writeable))
+            # A flipped or transposed view of a contiguous block (a volume reoriented to RAS+): the block
+            # goes in its memory order (a plain copy, several times faster than a strided one) and the
+            # receiver takes the same view of it.
+            dense, flips, order = found
+            self.blobs.append(_memfd_with(dense, dense.nbytes))
+            return ("view", len(self.blobs) - 1, dense.shape, flips, order, obj.dtype.str, bool(obj.flags.writeable))
         return None
 
     def reducer_override(self, obj: Any) -> Any:
@@ -516,14 +524,35 @@ class _Unpickler(pickle.Unpickler):
                 return mapped[:]
         if kind == "ndarray":
             shape, dtype_str, writeable = rest
-            dtype = np.dtype(dtype_str)
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            # Private (copy-on-write) mapping: the array is writable without touching the sender's copy.
-            mapped = mmap.mmap(self.fds[index], size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            array: np.ndarray = np.ndarray(shape, dtype=dtype, buffer=mapped)
-            array.flags.writeable = bool(writeable)
-            return array
-        raise pickle.UnpicklingError(f"unknown out-of-band value {kind!r}")
+            array = self._array(index, shape, np.dtype(dtype_str))
+        elif kind == "view":
+            shape, flips, order, dtype_str, writeable = rest
+            array = self._array(index, shape, np.dtype(dtype_str)).transpose(np.argsort(order))
+            if flips:
+                array = np.flip(array, axis=flips)
+        else:
+            raise pickle.UnpicklingError(f"unknown out-of-band value {kind!r}")
+        array.flags.writeable = bool(writeable)
+        return array
+
+    def _array(self, index: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        # Private (copy-on-write) mapping: the array is writable without touching the sender's copy.
+        mapped = mmap.mmap(self.fds[index], size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return np.ndarray(shape, dtype=dtype, buffer=mapped)
+
+
+def _dense_view(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]] | None:
+    """A C-contiguous view of the memory of a flipped and/or transposed contiguous array, or None.
+
+    Returns ``(dense, flips, order)``: ``array`` is
+    ``np.flip(dense.transpose(np.argsort(order)), flips)``.
+    """
+    flips = tuple(axis for axis, stride in enumerate(array.strides) if stride < 0)
+    positive = np.flip(array, axis=flips) if flips else array
+    order = tuple(sorted(range(array.ndim), key=lambda axis: -positive.strides[axis]))
+    dense = positive.transpose(order)
+    return (dense, flips, order) if dense.flags.c_contiguous else None
 
 
 def _memfd_with(value: np.ndarray | memoryview, size: int) -> int:

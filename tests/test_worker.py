@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import core.worker
 from core.errors import CoreError, LimitError, UnsupportedFileError
 from core.io import scan
 from core.sources import Source
@@ -84,6 +85,38 @@ def test_read_only_and_strided_arrays_keep_values_and_flag() -> None:
         expected = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)[:, ::-1]
         np.testing.assert_array_equal(back, expected)
         assert not back.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("make", "dense"),
+    [
+        (lambda a: a.transpose(2, 1, 0)[::-1, :, ::-1], True),  # a volume reoriented to RAS+
+        (lambda a: a.transpose(1, 0, 2), True),
+        (lambda a: a[::-1, ::-1, ::-1], True),
+        (lambda a: np.asfortranarray(a), True),
+        (lambda a: a[:, ::2, :], False),  # gaps between elements: sent element by element, C-ordered
+        (lambda a: a[:, :, 3:40].transpose(2, 0, 1), False),
+    ],
+    ids=["ras-view", "transposed", "flipped", "fortran", "strided", "slab"],
+)
+def test_views_of_a_block_come_back_as_the_same_views(make, dense: bool) -> None:  # noqa: ANN001
+    block = np.random.default_rng(2).integers(-1000, 3000, size=(64, 128, 100), dtype=np.int16)
+    view = make(block)
+    view.flags.writeable = False
+    found = core.worker._dense_view(view)
+    # A dense view travels in its memory order (a plain copy of the block), not as a C-ordered copy.
+    assert (found is not None) == dense
+    if found is not None:
+        assert found[0].flags.c_contiguous and np.shares_memory(found[0], view)
+    payload, blobs = core.worker._dump(view)
+    try:
+        back = core.worker._load(payload, blobs)
+    finally:
+        for fd in blobs:
+            os.close(fd)
+    np.testing.assert_array_equal(back, view)
+    assert back.shape == view.shape and back.dtype == view.dtype
+    assert not back.flags.writeable
 
 
 def test_core_errors_come_back_with_type_message_and_source() -> None:
