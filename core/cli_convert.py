@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import EXIT_NOTHING_PROCESSED, EXIT_OK, CoreError
+from core.outputs import write_file
 
 
 def add_parser(subparsers: Any) -> None:
@@ -98,7 +99,7 @@ def run_convert(args: argparse.Namespace) -> int:
             conversion.write(outdir)
             if args.qa:
                 report = json.dumps(conversion.report.to_json(), indent=2) + "\n"
-                (outdir / f"{conversion.stem}_qa.json").write_text(report, encoding="utf-8")
+                write_file(outdir / f"{conversion.stem}_qa.json", report)
         except CoreError as err:
             print(f"error: {series.info.id}: {err.message}", file=sys.stderr)
             continue

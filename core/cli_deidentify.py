@@ -19,6 +19,7 @@ from typing import Any
 
 from core.deidentify import DeidentifiedExport, deidentify_sources
 from core.errors import EXIT_NOTHING_PROCESSED, EXIT_OK, EXIT_USAGE, CoreError
+from core.outputs import write_file
 from core.series import Problem
 from core.sources import Source, expand_sources, read_paths
 
@@ -73,7 +74,7 @@ def write_export(export: DeidentifiedExport, outdir: Path) -> None:
     for item in export.files:
         target = outdir / item.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(item.data)
+        write_file(target, item.data)
 
 
 def run(args: argparse.Namespace) -> int:

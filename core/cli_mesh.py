@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import EXIT_NOTHING_PROCESSED, EXIT_OK, CoreError, UnsupportedFileError
+from core.outputs import replacing
 
 _SUFFIXES = (".stl", ".obj", ".ply")
 
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     space = "RAS" if args.ras else "LPS"
     written = time.perf_counter()
     try:
-        with open(args.output, "wb") as handle:
+        with replacing(args.output) as handle:
             write_mesh(mesh, handle, fmt, space=space, scale=args.scale)
     except OSError as err:
         print(f"error: cannot write {args.output}: {err.strerror or err}", file=sys.stderr)

@@ -41,6 +41,7 @@ from core.deidentify import safe_description
 from core.dicom_export import export_dicom_series
 from core.errors import CoreError, SeriesGeometryError
 from core.nifti_export import XFORM_ALIGNED, XFORM_SCANNER, bids_sidecar, gzip_to, nifti_storage, write_nifti
+from core.outputs import replacing
 from core.qa import QAReport, SliceStack, report_from_stack, slice_stack
 from core.series import Problem, Series, SeriesInfo
 from core.sources import DEFAULT_LIMITS, Limits, Source
@@ -125,7 +126,7 @@ class Conversion:
         for name, write in self.writers:
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as stream:
+            with replacing(target) as stream:
                 write(stream)
             written.append(target)
         return written
