@@ -43,7 +43,7 @@ from core.mesh import (
     volume_frame,
 )
 from core.mesh_export import FORMATS, export_file_name, mesh_to_bytes, meshes_to_zip
-from core.render import LabelOverlay, ThresholdOverlay, render_view
+from core.render import LabelOverlay, ThresholdOverlay, render_view, view_geometry
 from core.windowing import default_window
 from core.worker import run_in_worker
 from pages.common import UPLOAD_KEY, plain, require_volume, show_error, show_warning
@@ -265,14 +265,12 @@ with view:
             assert lower is not None
             overlay = ThresholdOverlay(float(lower), float(upper) if upper is not None else float("inf"))
             image = render_view(volume, "axial", k, window, frame=frame, overlays=[overlay])
-            st.image(
-                image,
-                caption=f"Red: {lower:g} ≤ value{'' if upper is None else f' ≤ {upper:g}'} (before clean-up)",
-                width="stretch",
-            )
+            shown = f"Red: {lower:g} ≤ value{'' if upper is None else f' ≤ {upper:g}'} (before clean-up)"
         else:
             image = render_view(volume, "axial", k, window, frame=frame, overlays=[LabelOverlay(volume, 0.5)])
-            st.image(image, caption="Labels", width="stretch")
+            shown = "Labels"
+        letters = view_geometry(volume, "axial").letters  # the View page's default, radiological
+        st.image(image, caption=f"{shown} · {letters['left']} left, {letters['top']} up", width="stretch")
     except CoreError as err:
         show_error(err.message)
 

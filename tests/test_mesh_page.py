@@ -91,6 +91,7 @@ def test_sample_bone_mesh_with_figures(no_meshing_in_the_server: None) -> None:
     assert at.number_input(key="mesh_lower").value == 226
     [overlay] = [e for e in at.main if type(e).__name__ == "Image"]  # the slice with the live threshold
     assert "226" in overlay.proto.imgs[0].caption and "3071" in overlay.proto.imgs[0].caption
+    assert "R left, A up" in overlay.proto.imgs[0].caption  # radiological, as on the View page
     build(at)
     metrics = {m.label: m.value for m in at.metric}
     assert int(metrics["Triangles"].replace(",", "")) > 10_000
