@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
@@ -555,20 +554,6 @@ def output_stem(series: Series) -> str:
     # Descriptions and file names can hold a patient's name: keep technical words only.
     parts = [part for part in (number, sanitize_name(safe_description(description))) if part]
     return "_".join(parts) or "series"
-
-
-def download_name(name: str, data: bytes) -> str:
-    """``name`` with a short content hash before its extension: ``2_T1.nii.gz`` -> ``2_T1_1a2b3c4d.nii.gz``.
-
-    Streamlit identifies large downloads by their length and a few samples, so two
-    different files of one size could share a URL; a name that depends on the
-    content keeps them apart (REFERENCE.md section 5).
-    """
-    digest = hashlib.sha256(data).hexdigest()[:8]
-    for extension in (".nii.gz", ".nii", ".nrrd", ".mha", ".zip", ".json"):
-        if name.endswith(extension):
-            return f"{name[: -len(extension)]}_{digest}{extension}"
-    return f"{name}_{digest}"
 
 
 def unique_stems(series_list: Sequence[Series]) -> list[str]:

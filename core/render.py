@@ -25,7 +25,6 @@ pixels of that output image.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import struct
@@ -71,7 +70,6 @@ __all__ = [
     "render_view",
     "sample_labels",
     "screen_to_voxel",
-    "settings_token",
     "slab_range",
     "view_file_name",
     "view_geometry",
@@ -892,11 +890,6 @@ def view_file_name(
     if suffix:
         parts.append("".join(ch for ch in suffix if ch.isalnum()))
     return "_".join(parts) + f".{ext}"
-
-
-def settings_token(*values: object) -> str:
-    """A short hex digest of view settings, to make download names unique."""
-    return hashlib.sha256(repr(values).encode()).hexdigest()[:8]
 
 
 def plane_zip(

@@ -11,11 +11,13 @@ server, and the user sees an error message.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Sequence
 
 import streamlit as st
 
 from core.errors import CoreError
+from core.names import token
 from core.series import ScanResult, Series
 from core.sources import Source
 from core.volume import Volume
@@ -27,6 +29,7 @@ VOLUMES = "volumes"  # {series id: Volume}, only the current one is kept
 UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
 PAGE_STATE_PREFIXES = ("viewer_", "convert_", "mesh_", "slice_", "view_")
 SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
+DOWNLOAD_SALT = "download_salt"  # per-session part of every download name (core.names)
 # Widget keys of the Open page's uploaders (pages/upload.py).
 UPLOADER_KEYS = ("upload_files", "upload_folder")
 
@@ -141,3 +144,9 @@ def show_error(message: str) -> None:
 
 def show_warning(message: str) -> None:
     st.warning(plain(message), icon=":material/warning:")
+
+
+def download_token(*made_from: object) -> str:
+    """The token of a download name (see :mod:`core.names`): a per-session salt and what the file was made from."""
+    salt = st.session_state.setdefault(DOWNLOAD_SALT, secrets.token_hex(4))
+    return token(salt, *made_from)

@@ -22,14 +22,14 @@ from core.convert import (
     convert_batch_in_worker,
     convert_series_in_worker,
     detach_header,
-    download_name,
     output_stem,
 )
 from core.dicom_export import read_reference
 from core.errors import CoreError
+from core.names import with_token
 from core.qa import QAReport, qa_report
 from core.worker import run_in_worker
-from pages.common import SOURCES, current_scan, plain, require_volume, show_error, show_warning
+from pages.common import SOURCES, current_scan, download_token, plain, require_volume, show_error, show_warning
 
 RESULT = "convert_result"  # {"key": ..., "conversion": Conversion, "file": (name, data), "file_name": str}
 BATCH = "convert_batch"  # {"key": ..., "result": BatchResult, "file_name": str}
@@ -103,7 +103,7 @@ report_json = json.dumps(report.to_json(), indent=2).encode("utf-8")
 st.download_button(
     "Download QA report (JSON)",
     data=report_json,
-    file_name=download_name(f"{stem}_qa.json", report_json),
+    file_name=with_token(f"{stem}_qa.json", download_token(report_json)),
     mime="application/json",
     icon=":material/download:",
 )
@@ -163,12 +163,11 @@ if st.button("Convert", type="primary", icon=":material/swap_horiz:"):
         with st.spinner("Converting (in a worker process)..."):
             converted, bundle = convert_series_in_worker(series, options, volume=volume, stem=stem)
         name, data = converted.outputs[0] if bundle is None else (f"{converted.stem}.zip", bundle)
-        # The download's name is computed once: hashing a large file on every rerun costs seconds.
         st.session_state[RESULT] = {
             "key": key,
             "conversion": converted,
             "file": (name, data),
-            "file_name": download_name(name, data),
+            "file_name": with_token(name, download_token(key, name)),
         }
     except CoreError as err:
         st.session_state.pop(RESULT, None)
@@ -218,7 +217,7 @@ if scan is not None and len(scan.series) > 1:
             st.session_state[BATCH] = {
                 "key": batch_key,
                 "result": result,
-                "file_name": download_name("tomoforge_conversions.zip", result.data),
+                "file_name": with_token("tomoforge_conversions.zip", download_token(batch_key)),
             }
         except CoreError as err:
             st.session_state.pop(BATCH, None)

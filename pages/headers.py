@@ -26,6 +26,7 @@ from core.deidentify import (
     masked,
     zip_export,
 )
+from core.names import with_token
 from core.sources import Source
 from pages.common import UPLOAD_KEY, current_series, show_error, show_warning
 
@@ -74,7 +75,7 @@ def cached(name: str, build: Callable[[], Any]) -> Any:
 def unique_name(stem: str, suffix: str) -> str:
     # A new random part on every rerun: two downloads never share a name (and a media URL),
     # and no series description or patient data goes into a file name.
-    return f"tomoforge_{stem}_{secrets.token_hex(4)}.{suffix}"
+    return with_token(f"tomoforge_{stem}.{suffix}", secrets.token_hex(4))
 
 
 def export_switch(key: str) -> bool:

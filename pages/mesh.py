@@ -14,14 +14,13 @@ selectbox key ``"mesh_preset"``; number inputs keys ``"mesh_lower"`` and
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core import names
 from core.errors import CoreError
 from core.mask import (
     CT_PRESETS,
@@ -46,7 +45,7 @@ from core.mesh_export import FORMATS, export_file_name, mesh_to_bytes, meshes_to
 from core.render import LabelOverlay, ThresholdOverlay, render_view, view_geometry
 from core.windowing import default_window
 from core.worker import run_in_worker
-from pages.common import UPLOAD_KEY, plain, require_volume, show_error, show_warning
+from pages.common import UPLOAD_KEY, download_token, plain, require_volume, show_error, show_warning
 
 RESULT = "mesh_result"  # {"key": request token, "result": MeshResult, "preview": figure}
 LABELS = "mesh_label_counts"  # {"key": (series id, frame), "counts": {label: voxels}}
@@ -296,7 +295,7 @@ request = MeshRequest(
     target_triangles=target,
 )
 # The upload's identity too: series ids repeat across uploads ("1", a file stem).
-token = hashlib.sha256(repr((st.session_state.get(UPLOAD_KEY), info.id, request)).encode()).hexdigest()[:10]
+token = names.token(st.session_state.get(UPLOAD_KEY), info.id, request)
 
 if mode == "Label map" and not chosen_labels:
     st.info("Choose at least one label.")
@@ -380,8 +379,7 @@ meshes = result.meshes
 stem = "tomoforge"
 # Streamlit serves downloads by a digest of size and samples: equal names across sessions could
 # hand one user another's mesh, so a per-session salt goes into every name (as on the View page).
-salt = st.session_state.setdefault("download_salt", secrets.token_hex(4))
-file_token = hashlib.sha256(f"{salt}|{stored['key']}|{fmt}|{space}|{scale}".encode()).hexdigest()[:8]
+file_token = download_token(stored["key"], fmt, space, scale)
 
 
 def _file() -> bytes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import json
-import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import names
 from core.errors import CoreError
 from core.mesh import read_label_map
 from core.render import (
@@ -47,7 +47,6 @@ from core.render import (
     readout,
     render_view,
     screen_to_voxel,
-    settings_token,
     view_file_name,
     view_geometry,
     view_values,
@@ -57,7 +56,7 @@ from core.sources import Source
 from core.volume import Volume
 from core.windowing import COLORMAPS, CT_PRESETS, auto_window, default_window, file_windows
 from core.worker import run_in_worker
-from pages.common import plain, require_volume, show_error
+from pages.common import download_token, plain, require_volume, show_error
 
 VIEW_CSS = """
 .tf-view { width: 100%; font-family: var(--st-font, sans-serif); }
@@ -614,8 +613,7 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
     frame = render_options["frame"] if volume.n_frames > 1 else None
     # Streamlit serves media by a digest of size and samples: equal names across sessions could
     # hand one user another's file, so a per-session salt goes into every name.
-    salt = st.session_state.setdefault("download_salt", secrets.token_hex(4))
-    suffix = settings_token(info.id, options["token"], salt)
+    suffix = download_token(info.id, options["token"])
     target = volume
 
     def png() -> bytes:
@@ -774,7 +772,7 @@ def viewer() -> None:
         for o in overlays
     )
     window_key = (window.center, window.width) if window else None
-    token = settings_token(window_key, frame, radiological, invert, colormap, slab, overlay_token)
+    token = names.token(window_key, frame, radiological, invert, colormap, slab, overlay_token)
     options = {
         "window": window or Window(127.5, 256.0),  # RGB: unused for 8-bit, a full-range ramp otherwise
         "render": render_options,
