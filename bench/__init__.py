@@ -7,5 +7,6 @@ Run ``.venv/bin/python -m bench.run [--size tiny|full] [--out bench/out]``; it w
 Modules: :mod:`bench.phantom` writes the CT phantom series, :mod:`bench.measure`
 runs one measured operation per fresh process and reads its peak memory,
 :mod:`bench.tasks` holds the operations themselves (ours and the reference tools),
-:mod:`bench.browser` times a slider change to a painted image in headless Chromium.
+:mod:`bench.browser` times a slider change to a painted image in headless Chromium,
+:mod:`bench.served` starts the app for it (and for the load test and the browser tests).
 """

@@ -1,7 +1,7 @@
 """Slider change -> painted image, in the served app, in headless Chromium.
 
-The app is started with ``streamlit run app.py`` on a free port (as the browser
-test does), the sample scan is opened with the "Open sample scan" button on the
+The app is started with ``streamlit run app.py`` on a free port (by
+:mod:`bench.served`, as the browser tests do), the sample scan is opened with the "Open sample scan" button on the
 Open page, and the View page is opened from the sidebar. The "Axial slice"
 slider is focused and moved one step with the keyboard (ArrowRight). Timing
 runs inside the page, on the browser's clock:
@@ -19,30 +19,15 @@ phantom.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import REPO
+from bench.served import CHROMIUM_ARGS, IDLE, start_app, stop_app
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 VIEW_IMAGE = '.st-key-view_axial img[alt="Axial view"]'
 
 # Runs in the page: watch the view's shadow root for a new src, then wait for decode + paint.
@@ -90,28 +75,6 @@ class BrowserResult:
         return statistics.median(self.seconds) if self.seconds else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {server.returncode} before it was healthy")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"streamlit not healthy after {timeout_s:.0f} s")
-        time.sleep(0.3)
-
-
 def measure_slider_paint(steps: int, warmup: int = 2, log: Path | None = None) -> BrowserResult:
     """Start the app, open the sample, move the axial slider ``warmup + steps`` times.
 
@@ -132,31 +95,10 @@ def measure_slider_paint(steps: int, warmup: int = 2, log: Path | None = None) -
     if not (REPO / "pages" / "viewer.py").exists():
         return BrowserResult(error="pages/viewer.py does not exist yet")
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    log_handle = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-        ],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log_handle,
-        stderr=subprocess.STDOUT,
-    )
     result = BrowserResult()
+    server: subprocess.Popen[bytes] | None = None
     try:
-        _wait_healthy(url, server)
+        server, url = start_app(log=log)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             try:
@@ -192,12 +134,6 @@ def measure_slider_paint(steps: int, warmup: int = 2, log: Path | None = None) -
     except (RuntimeError, PlaywrightError) as err:
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        if log:
-            log_handle.close()  # type: ignore[union-attr]
+        if server is not None:
+            stop_app(server)
     return result

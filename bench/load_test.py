@@ -31,9 +31,7 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,19 +46,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.served import CHROMIUM_ARGS, IDLE, start_app, stop_app  # noqa: E402
 from tests.dicom_factory import make_series  # noqa: E402
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 EXCEPTION = "[data-testid='stException']"
 PAGE_TIMEOUT_MS = 240_000
 NAVIGATION_TIMEOUT_MS = 120_000
@@ -85,38 +73,6 @@ class SessionReport:
 
 
 # --------------------------------------------------------------------------- server and monitors
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(port: int, ttl: int, log: Path, options: list[str] = ()) -> subprocess.Popen[bytes]:  # type: ignore[assignment]
-    """Start the app; its output goes to ``log`` (a pipe nobody reads would fill and block the server)."""
-    env = dict(os.environ, STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    command = [
-        sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-        "--server.address", "127.0.0.1", "--server.disconnectedSessionTTL", str(ttl),
-    ]  # fmt: skip
-    for option in options:  # e.g. runner.postScriptGC=true, to compare with .streamlit/config.toml
-        key, _, value = option.partition("=")
-        command += [f"--{key}", value]
-    with open(log, "wb") as output:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.3)
-    server.kill()
-    raise RuntimeError("server did not answer /_stcore/health within 90 s")
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -148,9 +104,9 @@ def tree_rss_bytes(root: int) -> int:
 class Monitor(threading.Thread):
     """Polls the health endpoint and samples the server's memory until stopped."""
 
-    def __init__(self, port: int, pid: int) -> None:
+    def __init__(self, url: str, pid: int) -> None:
         super().__init__(daemon=True)
-        self.url = f"http://127.0.0.1:{port}/_stcore/health"
+        self.url = f"{url}/_stcore/health"
         self.pid = pid
         self.latencies: list[float] = []
         self.failures = 0
@@ -322,15 +278,15 @@ def main() -> int:
                         help="a streamlit config option for this run, e.g. runner.postScriptGC=true")  # fmt: skip
     args = parser.parse_args()
 
-    port = free_port()
     log = Path(tempfile.mkstemp(prefix="tomoforge-load-", suffix=".log")[1])
-    server = start_server(port, args.ttl, log, args.option)
-    url = f"http://127.0.0.1:{port}"
+    # e.g. --option runner.postScriptGC=true, to compare with .streamlit/config.toml
+    options = [f"server.disconnectedSessionTTL={args.ttl}", *args.option]
+    server, url = start_app(log=log, options=options)
     try:
         asyncio.run(warm_up(url))
         time.sleep(args.ttl + 10)  # the warm-up session is dropped after the TTL
         baseline = tree_rss_bytes(server.pid)
-        monitor = Monitor(port, server.pid)
+        monitor = Monitor(url, server.pid)
         monitor.start()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
@@ -342,11 +298,7 @@ def main() -> int:
         monitor.stop.set()
         monitor.join()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_app(server)
 
     latencies = sorted(monitor.latencies)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")

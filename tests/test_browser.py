@@ -1,86 +1,32 @@
 """Real-browser test: the served app in headless Chromium (Debian's package, driven by Playwright).
 
-Modelled on Streamlit's e2e_playwright/conftest.py: start the server on a free port,
-poll /_stcore/health, then drive the page like a user.
+Modelled on Streamlit's e2e_playwright/conftest.py: start the server on a free port and
+poll /_stcore/health (:mod:`bench.served`), then drive the page like a user.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO
+from bench.served import CHROMIUM_ARGS, IDLE, start_app, stop_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
-def app_url() -> Iterator[str]:
-    port = _free_port()
-    env = dict(os.environ, STREAMLIT_SERVER_HEADLESS="true", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("app") / "server.log"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                stderr = server.stderr.read().decode() if server.stderr else ""
-                pytest.fail(f"streamlit did not start: {stderr[-2000:]}")
-            time.sleep(0.3)
+        server, url = start_app(log=log)
+    except RuntimeError as err:
+        pytest.fail(f"streamlit did not start: {err}")
+    try:
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_app(server)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +44,7 @@ def browser():
 
 def wait_for_app_idle(page) -> None:
     """Streamlit marks the app root with data-test-script-state while a script runs."""
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
+    page.wait_for_selector(IDLE, timeout=60_000)
 
 
 def test_open_sample_scan_shows_the_series_table(app_url: str, browser, tmp_path) -> None:

@@ -11,47 +11,25 @@ upload in memory, which the second test shows, so the first test can fail.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.served import CHROMIUM_ARGS, IDLE, start_app, stop_app
 from pages.janitor import INTERVAL_ENV
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 TTL_S = 2
 JANITOR_INTERVAL_S = 1
 UPLOAD_MB = 50
 # The upload alone is 50 MB (and its decoded volume as much again): a leak is well above this.
 TOLERANCE_MB = 30
 MB = 1024**2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _rss_bytes(pid: int) -> int:
@@ -83,47 +61,22 @@ def _nifti_file(path: Path, megabytes: int) -> Path:
 
 
 class Server:
-    """``streamlit run app.py`` on a free port; its output goes to ``log`` (a pipe nobody reads
-    would fill up and block the server)."""
+    """``streamlit run app.py`` on a free port with a ``TTL_S`` session TTL and the given janitor
+    interval; its output goes to ``log``."""
 
     def __init__(self, janitor_interval_s: float, log: Path) -> None:
-        port = _free_port()
         self.log = log
-        env = dict(
-            os.environ,
-            STREAMLIT_SERVER_HEADLESS="true",
-            STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
-            STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL=str(TTL_S),
-            **{INTERVAL_ENV: str(janitor_interval_s)},
-        )
-        command = [sys.executable, "-m", "streamlit", "run", "app.py"]
-        command += ["--server.port", str(port), "--server.address", "127.0.0.1"]
-        with open(log, "wb") as output:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"streamlit did not start: {self.stderr()[-2000:]}")
-            time.sleep(0.3)
+        env = {"STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL": str(TTL_S), INTERVAL_ENV: str(janitor_interval_s)}
+        try:
+            self.process, self.url = start_app(log=log, env=env)
+        except RuntimeError as err:
+            pytest.fail(f"streamlit did not start: {err}")
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
+        stop_app(self.process)
 
 
 @pytest.fixture(scope="module")
