@@ -96,7 +96,9 @@ def test_reorient_keeps_trailing_axes() -> None:
 def test_a_pickled_volume_comes_back_read_only_and_equal() -> None:
     import pickle
 
-    volume = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.diag([2.0, 3.0, 4.0, 1.0]), modality="CT", unit="HU")
+    volume = Volume(
+        np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.diag([2.0, 3.0, 4.0, 1.0]), modality="CT", unit="HU"
+    )
     copy = pickle.loads(pickle.dumps(volume))
     assert not copy.array.flags.writeable and not copy.affine.flags.writeable
     np.testing.assert_array_equal(copy.array, volume.array)
