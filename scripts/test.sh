@@ -10,6 +10,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check core pages app.py tests bench
+.venv/bin/ruff format --check core pages app.py tests bench
 .venv/bin/mypy core
 # Dependency audit of the installed environment: any known vulnerability fails the run. Where
 # the advisory service cannot be reached, pip-audit can only say so; that is reported, not fatal.
