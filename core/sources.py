@@ -258,9 +258,11 @@ def _zip_members(source: Source, limits: Limits) -> list[Source]:
         data = _inflate(source, archive, info)
         return Source(name=f"{source.basename}/{safe.lstrip('/')}", data=data) if data else None
 
-    # Inflating is most of an upload's scan time, and zlib releases the GIL: a few threads share it.
+    # Inflating is most of an upload's scan time, and isal releases the GIL: a few threads share it.
+    # Only our own inflating runs in threads; members zipfile reads (bzip2, LZMA) are read one by one.
     threads = min(_READ_THREADS, len(wanted))
-    if threads > 1 and sum(info.compress_size for info, _ in wanted) >= _THREADED_INFLATE_BYTES:
+    ours = all(info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for info, _ in wanted)
+    if ours and threads > 1 and sum(info.compress_size for info, _ in wanted) >= _THREADED_INFLATE_BYTES:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inflate") as pool:
             found = list(pool.map(read, wanted))
     else:
