@@ -147,6 +147,10 @@ def show_warning(message: str) -> None:
 
 
 def download_token(*made_from: object) -> str:
-    """The token of a download name (see :mod:`core.names`): a per-session salt and what the file was made from."""
+    """The token of a download name (see :mod:`core.names`).
+
+    Made of a per-session salt, the current upload (series ids such as "1" repeat
+    across uploads) and what the file was made from.
+    """
     salt = st.session_state.setdefault(DOWNLOAD_SALT, secrets.token_hex(4))
-    return token(salt, *made_from)
+    return token(salt, st.session_state.get(UPLOAD_KEY), *made_from)

@@ -259,3 +259,22 @@ def test_detach_header_keeps_values_and_drops_the_file_bytes() -> None:
     reference = pydicom.dcmread(io.BytesIO(source.data), stop_before_pixels=True)
     assert detach_header(reference).PatientID == reference.PatientID
     assert detach_header("a NIfTI header") == "a NIfTI header"
+
+
+def test_a_second_upload_with_the_same_series_id_gets_another_download_name() -> None:
+    """Series ids repeat across uploads ("1"); the download name must not, or a stale URL could serve
+    the first upload's file for the second."""
+    first = make_series(np.zeros((4, 6, 6), dtype=np.int16), series_number=1, description="axial")
+    second = make_series(np.ones((4, 6, 6), dtype=np.int16), series_number=1, description="axial", name_prefix="B")
+    at = _open_upload(first)
+    _click(at, "Convert")
+    name_first = at.session_state["convert_result"]["file_name"]
+    at.switch_page("pages/upload.py").run()
+    at.file_uploader(key="upload_files").set_value([(s.name, s.data, "application/octet-stream") for s in second])
+    at.run()
+    at.switch_page("pages/convert.py").run()
+    assert at.session_state["current_id"] == scan(first).series[0].info.id == scan(second).series[0].info.id
+    _click(at, "Convert")
+    name_second = at.session_state["convert_result"]["file_name"]
+    assert name_first.split("_")[:-1] == name_second.split("_")[:-1]  # the same words...
+    assert name_first != name_second  # ...and another token
