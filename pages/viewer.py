@@ -165,7 +165,10 @@ function layout(root) {
   const height = Math.round(s.height * scale);
   img.style.width = Math.round(s.width * scale) + "px";
   img.style.height = height + "px";
-  root.querySelector(".tf-frame").style.height = Math.max(height, Math.round(Math.min(available, tallest))) + "px";
+  // At least square (up to the cap), and as tall as the tallest view beside it (same column width).
+  let panel = Math.max(height, Math.round(Math.min(available, tallest)));
+  for (const ratio of s.panelRatios || []) panel = Math.max(panel, Math.round(Math.min(available * ratio, tallest)));
+  root.querySelector(".tf-frame").style.height = panel + "px";
 }
 
 // The crosshair is the voxel of the shared cursor (window.__tomoforgeCursor, set by the
@@ -545,6 +548,7 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         "info": info_text,
         "idle": "Point at the image for value, RAS (mm) and voxel; click to move the crosshair, scroll for slices.",
         "maxHeight": options["max_height"],
+        "panelRatios": options["panel_ratios"],
         "width": geometry.shape[1],
         "height": geometry.shape[0],
         "colSrc": geometry.col_src.tolist(),
@@ -773,11 +777,14 @@ def viewer() -> None:
     )
     window_key = (window.center, window.width) if window else None
     token = names.token(window_key, frame, radiological, invert, colormap, slab, overlay_token)
+    shapes = [view_geometry(volume, plane, radiological=radiological).shape for plane in planes]
     options = {
         "window": window or Window(127.5, 256.0),  # RGB: unused for 8-bit, a full-range ramp otherwise
         "render": render_options,
         "token": token,
         "max_height": 0.78 if len(planes) == 1 else 0.55,
+        # Height / width of every view shown side by side, so each sizes its panel to the tallest.
+        "panel_ratios": [rows / columns for rows, columns in shapes] if len(planes) > 1 else [],
     }
 
     columns = st.columns(len(planes))
