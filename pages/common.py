@@ -5,14 +5,19 @@ global holds user data, so one user's scan can never reach another.
 
 Pixels are decoded in a worker process (:mod:`core.worker`) with memory, CPU and
 time limits: a file that crashes a decoding library ends that worker, not the
-server, and the user sees an error message.
+server, and the user sees an error message. The current series of an upload
+starts decoding as soon as it is chosen (:func:`prefetch_current`), while the
+user reads the series table; the pages that need pixels wait for that decode
+rather than start another.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import streamlit as st
 
@@ -29,6 +34,7 @@ VOLUMES = "volumes"  # {series id: Volume}, only the current one is kept
 UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
 PAGE_STATE_PREFIXES = ("viewer_", "convert_", "mesh_", "slice_", "view_")
 SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
+PREFETCH = "prefetch"  # (series id, Future[Volume]): the current series, decoding in the background
 DOWNLOAD_SALT = "download_salt"  # per-session part of every download name (core.names)
 # Widget keys of the Open page's uploaders (pages/upload.py).
 UPLOADER_KEYS = ("upload_files", "upload_folder")
@@ -66,7 +72,9 @@ def set_scan(result: ScanResult, upload_key: str, sources: Sequence[Source] | No
     st.session_state[UPLOAD_KEY] = upload_key
     st.session_state[SOURCES] = list(sources) if sources else None
     st.session_state[VOLUMES] = {}
+    st.session_state.pop(PREFETCH, None)  # a decode of the previous upload ends unseen
     st.session_state[CURRENT] = result.series[0].info.id if result.series else None
+    prefetch_current()
 
 
 def _uploaded_sources() -> list[Source] | None:
@@ -97,15 +105,47 @@ def current_volume() -> Volume | None:
     volumes: dict[str, Volume] = st.session_state[VOLUMES]
     key = series.info.id
     if key not in volumes:
+        pending: tuple[str, Future[Volume]] | None = st.session_state.pop(PREFETCH, None)
         try:
             with st.spinner(f"Decoding {plain(series.info.description or 'series')}..."):
-                volume = _decode(series)
+                volume = pending[1].result() if pending is not None and pending[0] == key else _decode(series)
         except CoreError as err:
             show_error(err.message)
             return None
         volumes.clear()  # keep one decoded volume per session: they can be GBs
         volumes[key] = volume
     return volumes[key]
+
+
+def prefetch_current() -> None:
+    """Start decoding the current series of an upload in a worker, from a background thread.
+
+    :func:`current_volume` takes the result (or the error) when a page needs the
+    pixels. Nothing happens for the sample (decoded here in milliseconds), for a
+    series already decoded or already being decoded. The thread only holds the
+    files and the future, never the session, so a session that ends meanwhile
+    loses nothing but the wait.
+    """
+    series = current_series()
+    sources: list[Source] | None = st.session_state.get(SOURCES)
+    if series is None or not sources or series.info.kind == "sample" or series.info.id in st.session_state[VOLUMES]:
+        return
+    pending = st.session_state.get(PREFETCH)
+    if pending is not None and pending[0] == series.info.id:
+        return
+    files = sources_for_series(sources, series.info.sources)
+    future: Future[Volume] = Future()
+
+    def decode() -> None:
+        try:
+            volume = load_series_in_worker(files, series.info.id, expected_sources=series.info.sources)
+        except BaseException as err:  # noqa: BLE001 - handed over, and raised, where the volume is taken
+            future.set_exception(err)
+        else:
+            future.set_result(volume)
+
+    threading.Thread(target=decode, name="tomoforge-prefetch", daemon=True).start()
+    st.session_state[PREFETCH] = (series.info.id, future)
 
 
 def _decode(series: Series) -> Volume:

@@ -9,7 +9,7 @@ from core.io import scan
 from core.sample import sample_series
 from core.series import ScanResult
 from core.sources import Source
-from pages.common import CURRENT, current_scan, plain, set_scan, show_error
+from pages.common import CURRENT, current_scan, plain, prefetch_current, set_scan, show_error
 
 st.title("TomoForge")
 st.caption(
@@ -93,6 +93,7 @@ if st.session_state.get(CURRENT) not in ids:
 def _choose() -> None:
     # The widget's own key is dropped when another page runs; CURRENT must survive page changes.
     st.session_state[CURRENT] = st.session_state["series_choice"]
+    prefetch_current()
 
 
 st.selectbox(

@@ -107,3 +107,53 @@ def test_the_sample_stays_open_while_files_remain_in_the_uploader() -> None:
     assert list(at.dataframe[0].value["modality"]) == ["CT"]
     at.run()  # any later interaction reruns the page with the files still in the uploader
     assert list(at.dataframe[0].value["modality"]) == ["CT"]
+
+
+def test_the_current_series_decodes_while_the_table_is_read_and_the_view_takes_that_volume(monkeypatch) -> None:  # noqa: ANN001
+    import numpy as np
+
+    import pages.common
+    from core.io import scan
+    from core.sources import Source
+
+    ct = sorted(data_path("ct_siemens_20sl_uncompressed_derived", "dicom").iterdir())
+    mr = sorted(data_path("mr_siemens_gre_fieldmap_5sl", "dicom").glob("*.dcm"))
+    at = open_app()
+    upload(at, ct + mr)
+    series_id, future = at.session_state["prefetch"]
+    assert series_id == at.session_state["current_id"]
+    volume = future.result(timeout=120)  # decoded in a worker, from a background thread
+    scanned = scan([Source(f.name, f.read_bytes()) for f in ct + mr])
+    expected = next(s for s in scanned.series if s.info.id == series_id)
+    assert np.array_equal(volume.array, expected.load().array)
+
+    # Choosing another series starts its decode; the View page then waits for it instead of decoding again.
+    other = next(s for s in scanned.series if s.info.id != series_id)
+    at.selectbox(key="series_choice").select(other.info.id).run()
+    assert at.session_state["prefetch"][0] == other.info.id
+
+    def no_second_decode(series):  # noqa: ANN001, ANN202
+        raise AssertionError(f"{series.info.id} decoded again")
+
+    monkeypatch.setattr(pages.common, "_decode", no_second_decode)
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert "prefetch" not in at.session_state
+    assert np.array_equal(at.session_state["volumes"][other.info.id].array, other.load().array)
+
+
+def test_a_series_that_fails_to_decode_shows_the_error_on_the_page_that_needs_it() -> None:
+    ct = sorted(data_path("ct_siemens_20sl_uncompressed_derived", "dicom").iterdir())
+    at = open_app()
+    # Cut the pixels of every file: the headers still scan, the decode fails (in the background).
+    at.file_uploader(key="upload_files").set_value(
+        [(f.name, f.read_bytes()[:-20000], "application/octet-stream") for f in ct]
+    )
+    at.run()
+    assert not at.exception
+    with_error = at.session_state["prefetch"][1]
+    assert with_error.exception(timeout=120) is not None
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception, at.exception
+    assert at.error, "the decoding error should be shown"
