@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,6 +68,8 @@ VIEW_CSS = """
 .tf-stage { position: relative; display: inline-block; line-height: 0; }
 .tf-image { display: block; cursor: crosshair; user-select: none; -webkit-user-drag: none; }
 .tf-cross { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
+.tf-preview { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none;
+  image-rendering: pixelated; display: none; }
 .tf-cross line { stroke: rgba(255, 214, 0, 0.75); stroke-width: 1; vector-effect: non-scaling-stroke; }
 .tf-letter, .tf-info { position: absolute; color: #fff; font: 600 14px/1 sans-serif;
   text-shadow: 0 0 3px #000, 0 0 2px #000; pointer-events: none; }
@@ -117,6 +120,53 @@ function describe(root, p) {
     value += " · ";
   }
   return value + "RAS (" + ras.map((x) => x.toFixed(1)).join(", ") + ") mm · voxel (" + ijk.join(", ") + ")";
+}
+
+// Window/level by dragging (right button, or shift + left): right widens the window, down
+// raises the center, as in OsiriX and ImageJ. The slice's own values are windowed here, in
+// grey, while the mouse moves (the same DICOM LINEAR arithmetic as core/windowing.py); on
+// release the new window goes to the server, which renders every view with it.
+function dragWindow(start, dx, dy) {
+  const width = Math.max(start.width * Math.pow(2, dx / 200), 1e-6);
+  return { center: start.center + dy * start.width / 200, width };
+}
+
+function grey(x, c, w) {
+  let y;
+  if (w >= 1) {
+    if (x <= c - 0.5 - (w - 1) / 2) y = 0;
+    else if (x > c - 0.5 + (w - 1) / 2) y = 255;
+    else y = w > 1 ? ((x - (c - 0.5)) / (w - 1) + 0.5) * 255 : 255;
+  } else {
+    y = Math.min(255, Math.max(0, (x - (c - w / 2)) / w * 255));
+  }
+  return Number.isNaN(x) ? 0 : Math.floor(y + 0.5);
+}
+
+function drawPreview(root) {
+  root._previewPending = false;
+  const s = root._state, v = root._values, win = root._dragWindow;
+  if (!s || !v || !win) return;
+  const canvas = root.querySelector(".tf-preview");
+  if (canvas.width !== s.width || canvas.height !== s.height) { canvas.width = s.width; canvas.height = s.height; }
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(s.width, s.height);
+  const out = image.data;
+  for (let r = 0; r < s.height; r++) {
+    const base = s.rowSrc[r] * s.nCols;
+    for (let c = 0; c < s.width; c++) {
+      let g = grey(v[base + s.colSrc[c]], win.center, win.width);
+      if (s.inverted) g = 255 - g;
+      const at = (r * s.width + c) * 4;
+      out[at] = g; out[at + 1] = g; out[at + 2] = g; out[at + 3] = 255;
+    }
+  }
+  context.putImageData(image, 0, 0);
+  canvas.style.display = "block";
+}
+
+function windowText(win) {
+  return "Window: center " + fmt(Number(win.center.toPrecision(6))) + ", width " + fmt(Number(win.width.toPrecision(6)));
 }
 
 // Values travel byte-shuffled (all first bytes, then all second bytes, ...), which deflates
@@ -198,7 +248,7 @@ export default function (component) {
     root = document.createElement("div");
     root.className = "tf-view";
     root.innerHTML = '<div class="tf-frame"><div class="tf-stage">' +
-      '<img class="tf-image" draggable="false">' +
+      '<img class="tf-image" draggable="false"><canvas class="tf-preview"></canvas>' +
       '<svg class="tf-cross" preserveAspectRatio="none"><line class="tf-h"/><line class="tf-v"/></svg></div>' +
       '<span class="tf-letter tf-left"></span><span class="tf-letter tf-right"></span>' +
       '<span class="tf-letter tf-top"></span><span class="tf-letter tf-bottom"></span>' +
@@ -212,9 +262,39 @@ export default function (component) {
     root._img.addEventListener("mouseleave", () => { readoutEl.textContent = root._state ? root._state.idle : ""; });
     root._img.addEventListener("click", (event) => {
       if (!root._state) return;
+      if (root._dragged) { root._dragged = false; return; }  // the end of a window drag, not a click
       const p = pixelAt(root, event);
       root._setTrigger("click", { col: p.col, row: p.row });
     });
+    root._img.addEventListener("contextmenu", (event) => event.preventDefault());
+    root._img.addEventListener("pointerdown", (event) => {
+      const s = root._state;
+      if (!s || !s.window || !(event.button === 2 || (event.button === 0 && event.shiftKey))) return;
+      event.preventDefault();
+      root._img.setPointerCapture(event.pointerId);
+      root._drag = { x: event.clientX, y: event.clientY, start: s.window, moved: false };
+    });
+    root._img.addEventListener("pointermove", (event) => {
+      const drag = root._drag;
+      if (!drag) return;
+      const dx = event.clientX - drag.x, dy = event.clientY - drag.y;
+      if (!drag.moved && Math.abs(dx) + Math.abs(dy) < 3) return;
+      drag.moved = true;
+      root._dragWindow = dragWindow(drag.start, dx, dy);
+      readoutEl.textContent = windowText(root._dragWindow);
+      if (!root._previewPending) { root._previewPending = true; requestAnimationFrame(() => drawPreview(root)); }
+    });
+    const endDrag = (event) => {
+      const drag = root._drag;
+      if (!drag) return;
+      root._drag = null;
+      if (root._img.hasPointerCapture(event.pointerId)) root._img.releasePointerCapture(event.pointerId);
+      if (!drag.moved || !root._dragWindow) return;
+      root._dragged = event.button === 0;  // a left-button drag ends in a click event
+      root._setTrigger("window", root._dragWindow);  // the preview stays until the new image arrives
+    };
+    root._img.addEventListener("pointerup", endDrag);
+    root._img.addEventListener("pointercancel", endDrag);
     // Mouse wheel over the image steps through slices (one rerun per notch, at most every 60 ms).
     root._img.addEventListener("wheel", (event) => {
       if (!root._state) return;
@@ -247,6 +327,8 @@ export default function (component) {
     return cleanup;
   }
   root._state = state;
+  root._dragWindow = null;
+  root.querySelector(".tf-preview").style.display = "none";
   const img = root._img;
   const url = URL.createObjectURL(new Blob([state.png], { type: "image/png" }));
   const previous = root._url;
@@ -453,6 +535,27 @@ def _scrolled(plane: str) -> None:
     pos[plane] = int(np.clip(pos[plane] + step, 0, n_slices(volume, plane) - 1))
 
 
+def _window_dragged(plane: str) -> None:
+    """Window/level dragged in a view: that window, as a custom one, for every view."""
+    state = st.session_state.get(f"view_{plane}")
+    dragged = state.get("window") if state else None
+    if not isinstance(dragged, dict):
+        return
+    try:
+        center, width = float(dragged["center"]), float(dragged["width"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+        return
+    if np.dtype(info.dtype).kind in "iub":  # whole numbers, as the inputs step for integer data
+        center, width = float(round(center)), float(max(1, round(width)))
+    else:
+        center, width = float(f"{center:.4g}"), float(f"{width:.4g}")
+    st.session_state["viewer_center"] = center
+    st.session_state["viewer_width"] = width
+    st.session_state["viewer_window_choice"] = CUSTOM
+
+
 def _overlay_state() -> dict[str, Any]:
     # setdefault, not []: a fragment can rerun after the session state was rebuilt.
     return st.session_state.setdefault(OVERLAY, {"key": None, "volume": None, "error": ""})
@@ -546,7 +649,13 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         "plane": plane,
         "label": f"{PLANE_TITLES[plane]} view",
         "info": info_text,
-        "idle": "Point at the image for value, RAS (mm) and voxel; click to move the crosshair, scroll for slices.",
+        "idle": "Point: value, RAS mm, voxel · click: crosshair · wheel: slices"
+        + ("" if volume.is_rgb else " · right- or shift-drag: window"),
+        # The window a drag starts from (None: RGB, nothing to window) and whether grey is flipped.
+        "window": None
+        if volume.is_rgb
+        else {"center": float(options["window"].center), "width": float(options["window"].width)},
+        "inverted": bool(render["invert"]) != bool(volume.display_inverted),
         "maxHeight": options["max_height"],
         "panelRatios": options["panel_ratios"],
         "width": geometry.shape[1],
@@ -813,6 +922,7 @@ def viewer() -> None:
                 data=payload,
                 on_click_change=_callback(_clicked, plane, radiological),
                 on_scroll_change=_callback(_scrolled, plane),
+                on_window_change=_callback(_window_dragged, plane),
             )
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
     slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.served import CHROMIUM_ARGS, IDLE, start_app, stop_app
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.browser
 
@@ -149,3 +150,80 @@ def test_a_thin_slab_sits_in_a_panel_like_the_others(app_url: str, browser, tmp_
             assert not overlap(letters["left"], image) and not overlap(letters["right"], image), plane
     assert len(heights) == 1, f"the three panels differ in height: {heights}"
     page.close()
+
+
+def test_dragging_on_a_view_sets_window_and_level(app_url: str, browser, tmp_path) -> None:
+    """Shift-drag right widens the window (x2 per 200 px), down raises the center (a window per
+    200 px); the grey preview shows while dragging, every view gets the window on release, and the
+    drag does not move the crosshair as a click would."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    page.get_by_role("link", name="View").click()
+    image = page.locator("img[alt='Axial view']")
+    image.wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    center0 = float(page.get_by_label("Center").input_value())
+    width0 = float(page.get_by_label("Width").input_value())
+    slices0 = [page.get_by_role("slider", name=f"{p} slice").get_attribute("aria-valuenow") for p in PLANES]
+    sources0 = {p: page.locator(f"img[alt='{p} view']").get_attribute("src") for p in PLANES}
+    page.wait_for_timeout(500)  # the slice's values arrive after the image
+    box = image.bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.keyboard.down("Shift")
+    page.mouse.down()
+    page.mouse.move(x + 100, y + 50, steps=5)
+    preview = page.locator(".st-key-view_axial canvas.tf-preview")
+    assert preview.is_visible(), "the grey preview should show while dragging"
+    assert "Window: center" in page.locator(".st-key-view_axial .tf-readout").inner_text()
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_function(
+        "([sel, old]) => { const el = document.querySelector(sel) ||"
+        " [...document.querySelectorAll('*')].map(e => e.shadowRoot && e.shadowRoot.querySelector(sel)).find(Boolean);"
+        " return el && el.getAttribute('src') !== old; }",
+        arg=["img[alt='Axial view']", sources0["Axial"]],
+        timeout=30_000,
+    )
+    wait_for_app_idle(page)
+    assert float(page.get_by_label("Width").input_value()) == pytest.approx(round(width0 * 2**0.5), abs=1)
+    assert float(page.get_by_label("Center").input_value()) == pytest.approx(round(center0 + 50 * width0 / 200), abs=1)
+    assert page.get_by_role("combobox", name="Window").input_value() == "Custom"
+    assert all(page.locator(f"img[alt='{p} view']").get_attribute("src") != sources0[p] for p in PLANES)
+    assert [page.get_by_role("slider", name=f"{p} slice").get_attribute("aria-valuenow") for p in PLANES] == slices0
+    assert not preview.is_visible()
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.screenshot(path=str(tmp_path / "window_drag.png"), full_page=True)
+    page.close()
+
+
+PLANES = ("Axial", "Coronal", "Sagittal")
+
+
+def test_the_drag_preview_windows_like_the_server(browser) -> None:
+    """The grey levels the browser draws while dragging equal core.windowing.apply_window's."""
+    import re
+
+    import numpy as np
+
+    from core.series import Window
+    from core.windowing import apply_window
+
+    source = (REPO / "pages" / "viewer.py").read_text()
+    grey = re.search(r"function grey\(x, c, w\) \{.*?\n\}\n", source, re.DOTALL)
+    assert grey is not None, "pages/viewer.py has no grey() preview function"
+    rng = np.random.default_rng(8)
+    cases = [
+        (float(x), c, w)
+        for c, w in [(40.0, 400.0), (-600.0, 1500.0), (0.5, 1.0), (10.0, 2.0), (0.3, 0.25), (1000.0, 1.0)]
+        for x in [*rng.uniform(c - w, c + w, 40).round(2), c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2, c, c - 0.5]
+    ]
+    page = browser.new_page()
+    drawn = page.evaluate(f"(cases) => {{ {grey.group(0)}; return cases.map(([x, c, w]) => grey(x, c, w)); }}", cases)
+    page.close()
+    expected = [int(apply_window(np.array([x]), Window(c, w))[0]) for x, c, w in cases]
+    assert drawn == expected
