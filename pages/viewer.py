@@ -64,8 +64,8 @@ VIEW_CSS = """
 /* The frame is at least as tall as it is wide (up to the height cap), so a thin slab's coronal or
    sagittal view sits in a panel like the others, with its letters and title outside the image. */
 .tf-frame { position: relative; width: 100%; display: flex; justify-content: center; align-items: center;
-  background: #000; border-radius: 4px; }
-.tf-stage { position: relative; display: inline-block; line-height: 0; }
+  background: #000; border-radius: 4px; overflow: hidden; }
+.tf-stage { position: relative; display: inline-block; line-height: 0; transform-origin: 0 0; }
 .tf-image { display: block; cursor: crosshair; user-select: none; -webkit-user-drag: none; }
 .tf-cross { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; }
 .tf-preview { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none;
@@ -163,6 +163,24 @@ function drawPreview(root) {
   }
   context.putImageData(image, 0, 0);
   canvas.style.display = "block";
+}
+
+// Zoom (ctrl + wheel, or a pinch) about the pointer and pan (ctrl-drag or middle-drag) move the
+// image inside its panel with a CSS transform; readouts and clicks keep working because they
+// measure the image where it is drawn. A double click, or another series, resets both.
+function applyZoom(root) {
+  const z = root._zoom;
+  root.querySelector(".tf-stage").style.transform = "translate(" + z.x + "px, " + z.y + "px) scale(" + z.scale + ")";
+}
+
+function zoomAt(root, clientX, clientY, factor) {
+  const z = root._zoom, rect = root.querySelector(".tf-stage").getBoundingClientRect();
+  const scale = Math.min(16, Math.max(1, z.scale * factor));
+  if (scale === 1) { root._zoom = { scale: 1, x: 0, y: 0 }; applyZoom(root); return; }
+  // Keep the point under the pointer where it is: x' = x + u (s - s'), u in unscaled stage pixels.
+  const u = (clientX - rect.left) / z.scale, v = (clientY - rect.top) / z.scale;
+  root._zoom = { scale, x: z.x + u * (z.scale - scale), y: z.y + v * (z.scale - scale) };
+  applyZoom(root);
 }
 
 function windowText(win) {
@@ -267,12 +285,19 @@ export default function (component) {
       root._setTrigger("click", { col: p.col, row: p.row });
     });
     root._img.addEventListener("contextmenu", (event) => event.preventDefault());
+    root._img.addEventListener("mousedown", (event) => { if (event.button === 1) event.preventDefault(); });  // no autoscroll
+    root._zoom = { scale: 1, x: 0, y: 0 };
+    root._img.addEventListener("dblclick", () => { root._zoom = { scale: 1, x: 0, y: 0 }; applyZoom(root); });
     root._img.addEventListener("pointerdown", (event) => {
       const s = root._state;
-      if (!s || !s.window || !(event.button === 2 || (event.button === 0 && event.shiftKey))) return;
+      if (!s) return;
+      const pan = event.button === 1 || (event.button === 0 && (event.ctrlKey || event.metaKey));
+      const level = !pan && !!s.window && (event.button === 2 || (event.button === 0 && event.shiftKey));
+      if (!pan && !level) return;
       event.preventDefault();
       root._img.setPointerCapture(event.pointerId);
-      root._drag = { x: event.clientX, y: event.clientY, start: s.window, moved: false };
+      const start = pan ? { ...root._zoom } : s.window;
+      root._drag = { kind: pan ? "pan" : "window", x: event.clientX, y: event.clientY, start, moved: false };
     });
     root._img.addEventListener("pointermove", (event) => {
       const drag = root._drag;
@@ -280,6 +305,10 @@ export default function (component) {
       const dx = event.clientX - drag.x, dy = event.clientY - drag.y;
       if (!drag.moved && Math.abs(dx) + Math.abs(dy) < 3) return;
       drag.moved = true;
+      if (drag.kind === "pan") {
+        if (drag.start.scale > 1) { root._zoom = { ...drag.start, x: drag.start.x + dx, y: drag.start.y + dy }; applyZoom(root); }
+        return;
+      }
       root._dragWindow = dragWindow(drag.start, dx, dy);
       readoutEl.textContent = windowText(root._dragWindow);
       if (!root._previewPending) { root._previewPending = true; requestAnimationFrame(() => drawPreview(root)); }
@@ -289,6 +318,7 @@ export default function (component) {
       if (!drag) return;
       root._drag = null;
       if (root._img.hasPointerCapture(event.pointerId)) root._img.releasePointerCapture(event.pointerId);
+      if (drag.kind === "pan") { root._dragged = event.button === 0; return; }
       if (!drag.moved || !root._dragWindow) return;
       root._dragged = event.button === 0;  // a left-button drag ends in a click event
       root._setTrigger("window", root._dragWindow);  // the preview stays until the new image arrives
@@ -299,6 +329,7 @@ export default function (component) {
     root._img.addEventListener("wheel", (event) => {
       if (!root._state) return;
       event.preventDefault();
+      if (event.ctrlKey || event.metaKey) { zoomAt(root, event.clientX, event.clientY, Math.pow(1.0015, -event.deltaY)); return; }
       const now = performance.now();
       if (root._lastWheel && now - root._lastWheel < 60) return;
       root._lastWheel = now;
@@ -326,6 +357,7 @@ export default function (component) {
     drawCross(root);
     return cleanup;
   }
+  if (root._state && root._state.series !== state.series) { root._zoom = { scale: 1, x: 0, y: 0 }; applyZoom(root); }
   root._state = state;
   root._dragWindow = null;
   root.querySelector(".tf-preview").style.display = "none";
@@ -649,7 +681,7 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         "plane": plane,
         "label": f"{PLANE_TITLES[plane]} view",
         "info": info_text,
-        "idle": "Point: value, RAS mm, voxel · click: crosshair · wheel: slices"
+        "idle": "Point: value, RAS mm, voxel · click: crosshair · wheel: slices · ctrl+wheel: zoom, ctrl-drag: pan"
         + ("" if volume.is_rgb else " · right- or shift-drag: window"),
         # The window a drag starts from (None: RGB, nothing to window) and whether grey is flipped.
         "window": None

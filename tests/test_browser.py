@@ -167,7 +167,7 @@ def test_dragging_on_a_view_sets_window_and_level(app_url: str, browser, tmp_pat
     wait_for_app_idle(page)
     center0 = float(page.get_by_label("Center").input_value())
     width0 = float(page.get_by_label("Width").input_value())
-    slices0 = [page.get_by_role("slider", name=f"{p} slice").get_attribute("aria-valuenow") for p in PLANES]
+    slices0 = [page.get_by_role("slider", name=f"{p} slice").input_value() for p in PLANES]
     sources0 = {p: page.locator(f"img[alt='{p} view']").get_attribute("src") for p in PLANES}
     page.wait_for_timeout(500)  # the slice's values arrive after the image
     box = image.bounding_box()
@@ -194,7 +194,7 @@ def test_dragging_on_a_view_sets_window_and_level(app_url: str, browser, tmp_pat
     assert float(page.get_by_label("Center").input_value()) == pytest.approx(round(center0 + 50 * width0 / 200), abs=1)
     assert page.get_by_role("combobox", name="Window").input_value() == "Custom"
     assert all(page.locator(f"img[alt='{p} view']").get_attribute("src") != sources0[p] for p in PLANES)
-    assert [page.get_by_role("slider", name=f"{p} slice").get_attribute("aria-valuenow") for p in PLANES] == slices0
+    assert [page.get_by_role("slider", name=f"{p} slice").input_value() for p in PLANES] == slices0
     assert not preview.is_visible()
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(tmp_path / "window_drag.png"), full_page=True)
@@ -227,3 +227,48 @@ def test_the_drag_preview_windows_like_the_server(browser) -> None:
     page.close()
     expected = [int(apply_window(np.array([x]), Window(c, w))[0]) for x, c, w in cases]
     assert drawn == expected
+
+
+def test_zoom_and_pan_keep_the_readout_on_the_pointed_voxel(app_url: str, browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    page.get_by_role("link", name="View").click()
+    image = page.locator("img[alt='Axial view']")
+    image.wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    page.wait_for_timeout(500)  # the slice's values arrive after the image
+    readout = page.locator(".st-key-view_axial .tf-readout")
+    before = image.bounding_box()
+    assert before is not None
+    x, y = before["x"] + before["width"] * 0.3, before["y"] + before["height"] * 0.6
+    page.mouse.move(x, y)
+    pointed = readout.inner_text().split("voxel")[-1]
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -300)  # zoom in about the pointer
+    page.keyboard.up("Control")
+    page.mouse.move(x + 0.2, y)  # a move, so the readout is computed again
+    zoomed = image.bounding_box()
+    assert zoomed is not None
+    assert zoomed["width"] == pytest.approx(before["width"] * 1.0015**300, rel=0.02)
+    assert readout.inner_text().split("voxel")[-1] == pointed
+    page.keyboard.down("Control")
+    page.mouse.down()
+    page.mouse.move(x + 40, y + 10, steps=4)  # pan
+    page.mouse.up()
+    page.keyboard.up("Control")
+    panned = image.bounding_box()
+    assert panned is not None
+    assert (panned["x"] - zoomed["x"], panned["y"] - zoomed["y"]) == pytest.approx((40, 10), abs=1.5)
+    slider = page.get_by_role("slider", name="Sagittal slice").input_value()
+    page.mouse.dblclick(x, y)
+    reset = image.bounding_box()
+    assert reset is not None and reset["width"] == pytest.approx(before["width"], abs=1)
+    page.wait_for_function(  # a double click is a click too: the crosshair moves there
+        "old => document.querySelector('input[aria-label=\"Sagittal slice\"]').value !== old", arg=slider
+    )
+    wait_for_app_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
