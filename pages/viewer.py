@@ -582,7 +582,7 @@ def _window_dragged(plane: str) -> None:
     if np.dtype(info.dtype).kind in "iub":  # whole numbers, as the inputs step for integer data
         center, width = float(round(center)), float(max(1, round(width)))
     else:
-        center, width = float(f"{center:.4g}"), float(f"{width:.4g}")
+        center, width = float(f"{center:.4g}"), max(float(f"{width:.4g}"), 1e-6)  # the Width input's minimum
     st.session_state["viewer_center"] = center
     st.session_state["viewer_width"] = width
     st.session_state["viewer_window_choice"] = CUSTOM
