@@ -48,6 +48,19 @@ def wait_for_app_idle(page) -> None:
     page.wait_for_selector(IDLE, timeout=60_000)
 
 
+def wait_for_values(page, image) -> None:  # noqa: ANN001
+    """Point at the view until its readout shows a value: the slice's values arrive after the image."""
+    box = image.bounding_box()
+    assert box is not None
+    readout = image.locator("xpath=ancestor::div[contains(@class, 'tf-view')]").locator(".tf-readout")
+    for attempt in range(100):
+        page.mouse.move(box["x"] + box["width"] / 2 + attempt % 2, box["y"] + box["height"] / 2)
+        if " HU · RAS" in readout.inner_text():
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no value under the pointer after 10 s: {readout.inner_text()!r}")
+
+
 def test_open_sample_scan_shows_the_series_table(app_url: str, browser, tmp_path) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(app_url)
@@ -169,7 +182,7 @@ def test_dragging_on_a_view_sets_window_and_level(app_url: str, browser, tmp_pat
     width0 = float(page.get_by_label("Width").input_value())
     slices0 = [page.get_by_role("slider", name=f"{p} slice").input_value() for p in PLANES]
     sources0 = {p: page.locator(f"img[alt='{p} view']").get_attribute("src") for p in PLANES}
-    page.wait_for_timeout(500)  # the slice's values arrive after the image
+    wait_for_values(page, image)
     box = image.bounding_box()
     assert box is not None
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -239,7 +252,7 @@ def test_zoom_and_pan_keep_the_readout_on_the_pointed_voxel(app_url: str, browse
     image = page.locator("img[alt='Axial view']")
     image.wait_for(timeout=60_000)
     wait_for_app_idle(page)
-    page.wait_for_timeout(500)  # the slice's values arrive after the image
+    wait_for_values(page, image)
     readout = page.locator(".st-key-view_axial .tf-readout")
     before = image.bounding_box()
     assert before is not None
