@@ -55,7 +55,7 @@ from core.render import (
 from core.series import Window
 from core.sources import Source
 from core.volume import Volume
-from core.windowing import COLORMAPS, CT_PRESETS, auto_window, default_window, file_windows
+from core.windowing import COLORMAPS, CT_PRESETS, auto_window, colormap_lut, default_window, file_windows
 from core.worker import run_in_worker
 from pages.common import download_token, plain, require_volume, show_error
 
@@ -123,9 +123,10 @@ function describe(root, p) {
 }
 
 // Window/level by dragging (right button, or shift + left): right widens the window, down
-// raises the center, as in OsiriX and ImageJ. The slice's own values are windowed here, in
-// grey, while the mouse moves (the same DICOM LINEAR arithmetic as core/windowing.py); on
-// release the new window goes to the server, which renders every view with it.
+// raises the center, as in OsiriX and ImageJ. While the mouse moves, the slice's own values are
+// windowed here (the same DICOM LINEAR arithmetic as core/windowing.py, then the colour map;
+// overlays are left out); on release the new window goes to the server, which renders every
+// view with it.
 function dragWindow(start, dx, dy) {
   const width = Math.max(start.width * Math.pow(2, dx / 200), 1e-6);
   return { center: start.center + dy * start.width / 200, width };
@@ -151,14 +152,16 @@ function drawPreview(root) {
   if (canvas.width !== s.width || canvas.height !== s.height) { canvas.width = s.width; canvas.height = s.height; }
   const context = canvas.getContext("2d");
   const image = context.createImageData(s.width, s.height);
-  const out = image.data;
+  const out = image.data, colors = s.colors;
   for (let r = 0; r < s.height; r++) {
     const base = s.rowSrc[r] * s.nCols;
     for (let c = 0; c < s.width; c++) {
       let g = grey(v[base + s.colSrc[c]], win.center, win.width);
       if (s.inverted) g = 255 - g;
       const at = (r * s.width + c) * 4;
-      out[at] = g; out[at + 1] = g; out[at + 2] = g; out[at + 3] = 255;
+      if (colors) { out[at] = colors[g * 3]; out[at + 1] = colors[g * 3 + 1]; out[at + 2] = colors[g * 3 + 2]; }
+      else { out[at] = g; out[at + 1] = g; out[at + 2] = g; }
+      out[at + 3] = 255;
     }
   }
   context.putImageData(image, 0, 0);
@@ -688,6 +691,8 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         if volume.is_rgb
         else {"center": float(options["window"].center), "width": float(options["window"].width)},
         "inverted": bool(render["invert"]) != bool(volume.display_inverted),
+        # The colour of each grey level for the drag preview (None: grey itself).
+        "colors": None if render["colormap"] == "gray" else colormap_lut(render["colormap"]).reshape(-1).tolist(),
         "maxHeight": options["max_height"],
         "panelRatios": options["panel_ratios"],
         "width": geometry.shape[1],

@@ -285,3 +285,39 @@ def test_zoom_and_pan_keep_the_readout_on_the_pointed_voxel(app_url: str, browse
     wait_for_app_idle(page)
     assert page.locator("[data-testid='stException']").count() == 0
     page.close()
+
+
+def test_the_drag_preview_keeps_the_colour_map(app_url: str, browser) -> None:
+    from core.windowing import colormap_lut
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    page.get_by_role("link", name="View").click()
+    image = page.locator("img[alt='Axial view']")
+    image.wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    page.get_by_role("combobox", name="Colormap").click()
+    page.get_by_role("option", name="hot").click()
+    wait_for_app_idle(page)
+    wait_for_values(page, image)
+    box = image.bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.keyboard.down("Shift")
+    page.mouse.down()
+    page.mouse.move(x + 30, y + 20, steps=3)
+    colours = page.locator(".st-key-view_axial canvas.tf-preview").evaluate(
+        "canvas => { const d = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;"
+        " const seen = new Set(); for (let i = 0; i < d.length; i += 4 * 97) seen.add(d[i] + ',' + d[i+1] + ',' + d[i+2]);"
+        " return [...seen]; }"
+    )
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    table = {",".join(str(int(v)) for v in row) for row in colormap_lut("hot")}
+    assert len(colours) > 5 and set(colours) <= table, "every preview pixel is a colour of the 'hot' map"
+    assert any(len(set(c.split(","))) > 1 for c in colours), "and not grey"
+    page.close()
