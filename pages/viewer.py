@@ -278,12 +278,12 @@ export default function (component) {
     root._img = root.querySelector(".tf-image");
     const readoutEl = root.querySelector(".tf-readout");
     root._img.addEventListener("mousemove", (event) => {
-      if (root._state) readoutEl.textContent = describe(root, pixelAt(root, event));
+      if (root._state && !root._drag) readoutEl.textContent = describe(root, pixelAt(root, event));
     });
     root._img.addEventListener("mouseleave", () => { readoutEl.textContent = root._state ? root._state.idle : ""; });
     root._img.addEventListener("click", (event) => {
       if (!root._state) return;
-      if (root._dragged) { root._dragged = false; return; }  // the end of a window drag, not a click
+      if (root._dragged) { root._dragged = false; return; }  // the end of a drag (window or pan), not a click
       const p = pixelAt(root, event);
       root._setTrigger("click", { col: p.col, row: p.row });
     });
