@@ -35,6 +35,7 @@ UPLOAD_KEY = "upload_key"  # identity of the files the scan came from
 PAGE_STATE_PREFIXES = ("viewer_", "convert_", "mesh_", "slice_", "view_")
 SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
 PREFETCH = "prefetch"  # (series id, Future[Volume]): the current series, decoding in the background
+PREFETCHER = "prefetcher"  # the session's _Prefetcher (one background decode at a time)
 DOWNLOAD_SALT = "download_salt"  # per-session part of every download name (core.names)
 # Widget keys of the Open page's uploaders (pages/upload.py).
 UPLOADER_KEYS = ("upload_files", "upload_folder")
@@ -73,6 +74,8 @@ def set_scan(result: ScanResult, upload_key: str, sources: Sequence[Source] | No
     st.session_state[SOURCES] = list(sources) if sources else None
     st.session_state[VOLUMES] = {}
     st.session_state.pop(PREFETCH, None)  # a decode of the previous upload ends unseen
+    if PREFETCHER in st.session_state:
+        st.session_state[PREFETCHER].drop_pending()
     st.session_state[CURRENT] = result.series[0].info.id if result.series else None
     prefetch_current()
 
@@ -122,9 +125,9 @@ def prefetch_current() -> None:
 
     :func:`current_volume` takes the result (or the error) when a page needs the
     pixels. Nothing happens for the sample (decoded here in milliseconds), for a
-    series already decoded or already being decoded. The thread only holds the
-    files and the future, never the session, so a session that ends meanwhile
-    loses nothing but the wait.
+    series already decoded or already being decoded. Each session decodes one
+    series at a time (:class:`_Prefetcher`): choosing series after series
+    quickly does not fill the server's few worker slots with decodes nobody waits for.
     """
     series = current_series()
     sources: list[Source] | None = st.session_state.get(SOURCES)
@@ -133,19 +136,57 @@ def prefetch_current() -> None:
     pending = st.session_state.get(PREFETCH)
     if pending is not None and pending[0] == series.info.id:
         return
+    prefetcher: _Prefetcher = st.session_state.setdefault(PREFETCHER, _Prefetcher())
     files = sources_for_series(sources, series.info.sources)
-    future: Future[Volume] = Future()
+    st.session_state[PREFETCH] = (series.info.id, prefetcher.request(files, series.info.id, series.info.sources))
 
-    def decode() -> None:
-        try:
-            volume = load_series_in_worker(files, series.info.id, expected_sources=series.info.sources)
-        except BaseException as err:  # noqa: BLE001 - handed over, and raised, where the volume is taken
-            future.set_exception(err)
-        else:
-            future.set_result(volume)
 
-    threading.Thread(target=decode, name="tomoforge-prefetch", daemon=True).start()
-    st.session_state[PREFETCH] = (series.info.id, future)
+class _Prefetcher:
+    """One session's background decodes: one at a time, and a newer request replaces one not started.
+
+    The thread holds the files and the futures, never the session, so a session
+    that ends meanwhile loses nothing but the wait.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: tuple[Sequence[Source], str, Sequence[str], Future[Volume]] | None = None
+        self._running = False
+
+    def request(self, files: Sequence[Source], series_id: str, expected: Sequence[str]) -> Future[Volume]:
+        future: Future[Volume] = Future()
+        with self._lock:
+            if self._next is not None:
+                self._next[3].cancel()  # not started: nobody will wait for it now
+            self._next = (files, series_id, expected, future)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="tomoforge-prefetch", daemon=True).start()
+        return future
+
+    def drop_pending(self) -> None:
+        """Cancel the request not started yet, if any (a new upload replaced its files)."""
+        with self._lock:
+            if self._next is not None:
+                self._next[3].cancel()
+                self._next = None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                job, self._next = self._next, None
+                if job is None:
+                    self._running = False
+                    return
+            files, series_id, expected, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                volume = load_series_in_worker(files, series_id, expected_sources=expected)
+            except BaseException as err:  # noqa: BLE001 - handed over, and raised, where the volume is taken
+                future.set_exception(err)
+            else:
+                future.set_result(volume)
 
 
 def _decode(series: Series) -> Volume:

@@ -157,3 +157,36 @@ def test_a_series_that_fails_to_decode_shows_the_error_on_the_page_that_needs_it
     at.switch_page("pages/viewer.py").run()
     assert not at.exception, at.exception
     assert at.error, "the decoding error should be shown"
+
+
+def test_a_session_decodes_one_series_at_a_time_and_skips_the_ones_passed_over(monkeypatch) -> None:  # noqa: ANN001
+    """Choosing series A, B, C quickly: A decodes, B (never started) is dropped, C decodes next."""
+    import threading
+
+    import pages.common
+
+    release = threading.Event()
+    started: list[str] = []
+    running = threading.Semaphore(0)
+
+    def fake_load(files, series_id, *, expected_sources):  # noqa: ANN001, ANN202
+        started.append(series_id)
+        running.release()
+        assert release.wait(30)
+        return f"volume {series_id}"
+
+    monkeypatch.setattr(pages.common, "load_series_in_worker", fake_load)
+    prefetcher = pages.common._Prefetcher()
+    a = prefetcher.request([], "A", ())
+    assert running.acquire(timeout=30)  # A is decoding
+    b = prefetcher.request([], "B", ())
+    c = prefetcher.request([], "C", ())
+    assert b.cancelled() and not c.done()
+    release.set()
+    assert a.result(timeout=30) == "volume A"
+    assert c.result(timeout=30) == "volume C"
+    assert started == ["A", "C"]
+    d = prefetcher.request([], "D", ())  # the thread ended when it ran out of work; a new one starts
+    assert d.result(timeout=30) == "volume D"
+    prefetcher.drop_pending()
+    assert started == ["A", "C", "D"]
