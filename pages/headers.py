@@ -20,11 +20,10 @@ import streamlit as st
 from core import header as hdr
 from core.deidentify import (
     burned_in_annotation_reason,
+    deidentified_zip_in_worker,
     deidentify_datasets,
-    deidentify_sources,
     is_known_private_creator,
     masked,
-    zip_export,
 )
 from core.names import with_token
 from core.sources import Source
@@ -235,8 +234,7 @@ def dicom_download() -> None:
     days = int(st.number_input("Shift by (days)", value=-365, step=1, key="headers_shift_days")) if shift else None
 
     def build_zip() -> bytes:
-        export = deidentify_sources(sources, date_shift_days=days, allow_burned_in=confirmed)
-        return zip_export(export)
+        return deidentified_zip_in_worker(sources, date_shift_days=days, allow_burned_in=confirmed)
 
     st.download_button(
         "Download DICOM zip",

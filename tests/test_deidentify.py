@@ -579,3 +579,19 @@ def test_zip_of_a_scanned_series_from_its_headers(study) -> None:
             files = {name: zf.read(name) for name in zf.namelist()}
         assert sorted(files) == [f"series_001_CT/IM{n:05d}.dcm" for n in range(1, 5)]
         check_export(files, study)
+
+
+def test_the_headers_page_export_runs_in_a_worker_and_passes_every_privacy_check(monkeypatch) -> None:  # noqa: ANN001
+    import core.deidentify
+
+    study = make_phi_study(n_series=2, n_slices=3)
+
+    def tripwire(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("de-identification ran in the server process")
+
+    monkeypatch.setattr(core.deidentify, "deidentify_sources", tripwire)  # the worker has its own copy
+    data = core.deidentify.deidentified_zip_in_worker(study.sources, date_shift_days=-10)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    by_folder = check_export(files, study)
+    assert len(by_folder) == 2 and sum(len(v) for v in by_folder.values()) == 6
