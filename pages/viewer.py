@@ -44,7 +44,7 @@ from core.render import (
     label_colors,
     linked_indices,
     n_slices,
-    plane_zip,
+    plane_zip_in_worker,
     readout,
     render_view,
     screen_to_voxel,
@@ -770,7 +770,7 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
         return encode_png(render_view(target, plane, index, window, **render_options), compress_level=6)
 
     def zipped() -> bytes:
-        return plane_zip(target, plane, window, **render_options)
+        return plane_zip_in_worker(target, plane, window, **render_options)
 
     name = view_file_name(plane, index, window, frame=frame, slab=render_options["slab"], suffix=suffix)
     left, right = st.columns(2)

@@ -321,3 +321,29 @@ def test_the_drag_preview_keeps_the_colour_map(app_url: str, browser) -> None:
     assert len(colours) > 5 and set(colours) <= table, "every preview pixel is a colour of the 'hot' map"
     assert any(len(set(c.split(","))) > 1 for c in colours), "and not grey"
     page.close()
+
+
+def test_the_zip_of_a_plane_downloads_with_every_slice(app_url: str, browser, tmp_path) -> None:
+    """The deferred download runs outside the script (no session context) and renders in a worker."""
+    import io
+    import zipfile
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    page.get_by_role("link", name="View").click()
+    page.locator("img[alt='Axial view']").wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    button = page.get_by_role("button", name="All 120 axial slices (zip)")
+    with page.expect_download(timeout=120_000) as download:
+        button.click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
+        names = archive.namelist()
+        assert len(names) == 120 and all(n.endswith(".png") for n in names)
+        assert archive.read(names[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.name.startswith("axial_all_") and path.suffix == ".zip"
+    page.close()

@@ -515,3 +515,18 @@ def test_each_label_gets_its_own_colour() -> None:
             expected = colors.get(int(labels_array[i, j, k]), (0, 0, 0))
             assert tuple(image[row, col]) == expected
     assert label_values(labels) == [3, 70000]
+
+
+def test_all_slices_of_a_plane_zip_in_a_worker_equal_the_zip_made_here(monkeypatch) -> None:  # noqa: ANN001
+    import core.render
+    from core.render import plane_zip, plane_zip_in_worker
+    from core.sample import make_sample_ct
+
+    volume = make_sample_ct((48, 40, 12))
+    expected = plane_zip(volume, "coronal", Window(40.0, 400.0), radiological=False, colormap="hot")
+
+    def tripwire(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("rendered in the server process")
+
+    monkeypatch.setattr(core.render, "render_view", tripwire)  # the worker has its own copy
+    assert plane_zip_in_worker(volume, "coronal", Window(40.0, 400.0), radiological=False, colormap="hot") == expected
