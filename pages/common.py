@@ -18,6 +18,7 @@ import secrets
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import streamlit as st
 
@@ -26,7 +27,7 @@ from core.names import token
 from core.series import ScanResult, Series
 from core.sources import Source
 from core.volume import Volume
-from core.worker import load_series_in_worker, sources_for_series
+from core.worker import DEFAULT_WORKER_LIMITS, load_series_in_worker, sources_for_series
 
 SCAN = "scan"  # ScanResult of the current upload (or the sample)
 CURRENT = "current_id"  # id of the series every page works on
@@ -36,6 +37,9 @@ PAGE_STATE_PREFIXES = ("viewer_", "convert_", "mesh_", "slice_", "view_")
 SOURCES = "sources"  # the uploaded files of the scan (list of Source), for decoding in a worker
 PREFETCH = "prefetch"  # (series id, Future[Volume]): the current series, decoding in the background
 PREFETCHER = "prefetcher"  # the session's _Prefetcher (one background decode at a time)
+# A background decode waits for a worker slot and runs (each at most the job's wall time), maybe
+# behind the one decode already running for the session; past that, something is wrong.
+_PREFETCH_WAIT_S = 4 * DEFAULT_WORKER_LIMITS.wall_seconds + 60
 DOWNLOAD_SALT = "download_salt"  # per-session part of every download name (core.names)
 # Widget keys of the Open page's uploaders (pages/upload.py).
 UPLOADER_KEYS = ("upload_files", "upload_folder")
@@ -111,9 +115,15 @@ def current_volume() -> Volume | None:
         pending: tuple[str, Future[Volume]] | None = st.session_state.pop(PREFETCH, None)
         try:
             with st.spinner(f"Decoding {plain(series.info.description or 'series')}..."):
-                volume = pending[1].result() if pending is not None and pending[0] == key else _decode(series)
+                if pending is not None and pending[0] == key:
+                    volume = pending[1].result(timeout=_PREFETCH_WAIT_S)
+                else:
+                    volume = _decode(series)
         except CoreError as err:
             show_error(err.message)
+            return None
+        except FutureTimeout:
+            show_error("Decoding this series did not finish. Open the files again on the Open page.")
             return None
         volumes.clear()  # keep one decoded volume per session: they can be GBs
         volumes[key] = volume

@@ -190,3 +190,24 @@ def test_a_session_decodes_one_series_at_a_time_and_skips_the_ones_passed_over(m
     assert d.result(timeout=30) == "volume D"
     prefetcher.drop_pending()
     assert started == ["A", "C", "D"]
+
+
+def test_a_background_decode_that_never_finishes_becomes_a_message(monkeypatch) -> None:  # noqa: ANN001
+    import threading
+
+    import pages.common
+
+    release = threading.Event()
+
+    def stuck(files, series_id, *, expected_sources):  # noqa: ANN001, ANN202
+        release.wait(60)
+        raise AssertionError("released")
+
+    monkeypatch.setattr(pages.common, "load_series_in_worker", stuck)
+    monkeypatch.setattr(pages.common, "_PREFETCH_WAIT_S", 0.5)
+    at = open_app()
+    upload(at, sorted(data_path("mr_siemens_gre_fieldmap_5sl", "dicom").glob("*.dcm")))
+    at.switch_page("pages/viewer.py").run()
+    release.set()
+    assert not at.exception, at.exception
+    assert any("did not finish" in e.value for e in at.error)
