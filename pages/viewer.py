@@ -59,6 +59,11 @@ from core.windowing import COLORMAPS, CT_PRESETS, auto_window, colormap_lut, def
 from core.worker import run_in_worker
 from pages.common import download_token, plain, require_volume, show_error
 
+VIEW_HELP = (
+    "Click: move the crosshair · wheel: slices · ctrl+wheel or pinch: zoom · ctrl- or middle-drag: pan"
+    " · double click: reset the zoom"
+)
+
 VIEW_CSS = """
 .tf-view { width: 100%; font-family: var(--st-font, sans-serif); }
 /* The frame is at least as tall as it is wide (up to the height cap), so a thin slab's coronal or
@@ -684,8 +689,7 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         "plane": plane,
         "label": f"{PLANE_TITLES[plane]} view",
         "info": info_text,
-        "idle": "Point: value, RAS mm, voxel · click: crosshair · wheel: slices · ctrl+wheel: zoom, ctrl-drag: pan"
-        + ("" if volume.is_rgb else " · right- or shift-drag: window"),
+        "idle": "Point at the image for value, RAS mm and voxel.",  # the other gestures: VIEW_HELP
         # The window a drag starts from (None: RGB, nothing to window) and whether grey is flipped.
         "window": None
         if volume.is_rgb
@@ -963,6 +967,7 @@ def viewer() -> None:
             )
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
     slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
+    st.caption(VIEW_HELP if volume.is_rgb else f"{VIEW_HELP} · right- or shift-drag: window and level")
     try:
         st.markdown(f"**Crosshair:** {plain(readout(volume, ijk, frame=frame).text())}")
     except CoreError as err:
