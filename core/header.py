@@ -39,8 +39,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from core.deidentify import is_identifying_element, safe_description
+from core.deidentify import deidentify_datasets, is_identifying_element, safe_description
+from core.dicom_headers import read_header
 from core.format_nifti import form_gap_mm
+from core.sources import Source
+from core.worker import run_in_worker
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
@@ -461,6 +464,21 @@ def datasets_to_json(datasets: Sequence[Dataset], *, bulk_data_threshold: int = 
     """A JSON array of datasets (PS3.18 F.2: the model of a set of instances), UTF-8."""
     models = [dataset_to_json_model(ds, bulk_data_threshold=bulk_data_threshold) for ds in datasets]
     return json.dumps(models, indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def files_headers_json(files: Sequence[Source], *, deidentify: bool) -> bytes:
+    """:func:`datasets_to_json` of each DICOM file's header (no pixel data), de-identified when asked.
+
+    Read from the files rather than taken as parsed Datasets so that a worker can do
+    it from the bytes alone (:func:`files_headers_json_in_worker`).
+    """
+    headers = [read_header(item) for item in files]
+    return datasets_to_json(deidentify_datasets(headers) if deidentify else headers)
+
+
+def files_headers_json_in_worker(files: Sequence[Source], *, deidentify: bool) -> bytes:
+    """:func:`files_headers_json` in a worker: thousands of headers are seconds of pure-Python work."""
+    return run_in_worker(files_headers_json, list(files), deidentify=deidentify, what="header export")
 
 
 # --- NIfTI, Analyze, NRRD, MetaImage -------------------------------------------------------------

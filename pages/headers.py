@@ -185,6 +185,8 @@ def dicom_view() -> None:
         clean = export_switch("headers_json_deid")
 
         def build_json() -> bytes:
+            if series.info.kind == "dicom" and len(series.files) == len(headers):  # each header is its file's
+                return hdr.files_headers_json_in_worker(series.files, deidentify=clean)
             chosen = deidentify_datasets(headers) if clean else headers
             return hdr.datasets_to_json(chosen)
 
