@@ -207,11 +207,14 @@ function unshuffle(bytes, size) {
   return out.buffer;
 }
 
-async function loadValues(root, packed) {
+// A view's values come in a separate element after all the images (VALUES_JS), so a slow link
+// paints the image first; they wait in window.__tomoforgeValues until their view asks.
+async function loadValues(root) {
   const s = root._state;
-  if (!s.values) { root._values = null; root._valuesKey = null; return; }
+  if (!s || !s.values) { if (root) { root._values = null; root._valuesKey = null; } return; }
   const key = s.values.key;
-  if (root._valuesKey === key || root._loadingKey === key) return;
+  const packed = (window.__tomoforgeValues || {})[key];
+  if (!packed || root._valuesKey === key || root._loadingKey === key) return;
   root._loadingKey = key;
   const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("deflate"));
   const buffer = await new Response(stream).arrayBuffer();
@@ -222,14 +225,12 @@ async function loadValues(root, packed) {
 }
 
 // The payload is binary: "TFV1", a uint32 (little-endian) header length, the JSON header,
-// the PNG, then the deflated values. Binary data skips base64 and JSON on both ends.
+// then the PNG. Binary data skips base64 and JSON on both ends.
 function unpack(bytes) {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const length = view.getUint32(4, true);
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + length)));
-  const pngStart = 8 + length, valuesStart = pngStart + header.pngBytes;
-  header.png = bytes.subarray(pngStart, valuesStart);
-  header.packedValues = header.values ? bytes.subarray(valuesStart, valuesStart + header.values.bytes) : null;
+  header.png = bytes.subarray(8 + length, 8 + length + header.pngBytes);
   return header;
 }
 
@@ -344,17 +345,20 @@ export default function (component) {
       root._setTrigger("scroll", { step: event.deltaY > 0 ? -1 : 1 });
     }, { passive: false });
     root._onCursor = () => drawCross(root);
+    root._onValues = () => loadValues(root);
     root._resize = new ResizeObserver(() => { if (root._state) layout(root); });
   }
   // (Re)attach the page-level listeners; the returned cleanup detaches them when Streamlit
   // unmounts the view (or before it calls this function again), so nothing leaks.
   if (!root._listening) {
     window.addEventListener("tomoforge-cursor", root._onCursor);
+    window.addEventListener("tomoforge-values", root._onValues);
     root._resize.observe(root);
     root._listening = true;
   }
   const cleanup = () => {
     window.removeEventListener("tomoforge-cursor", root._onCursor);
+    window.removeEventListener("tomoforge-values", root._onValues);
     root._resize.disconnect();
     root._listening = false;
   };
@@ -386,7 +390,7 @@ export default function (component) {
   root.querySelector(".tf-readout").textContent = data_.idle;
   layout(root);
   drawCross(root);
-  loadValues(root, state.packedValues);
+  loadValues(root);
   return cleanup;
 }
 """
@@ -399,7 +403,24 @@ export default function (component) {
 }
 """
 
+# Keeps a view's values ("TFVV", a uint32 header length, {"key"}, the deflated values) where its
+# view finds them, the last few only, and tells the views they arrived (no DOM of its own).
+VALUES_JS = r"""
+export default function (component) {
+  const bytes = component.data;
+  if (!(bytes instanceof Uint8Array) || bytes.length < 8) return;
+  const length = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(4, true);
+  const key = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + length))).key;
+  const store = (window.__tomoforgeValues = window.__tomoforgeValues || {});
+  delete store[key];
+  store[key] = bytes.slice(8 + length);
+  for (const old of Object.keys(store).slice(0, -6)) delete store[old];
+  window.dispatchEvent(new CustomEvent("tomoforge-values"));
+}
+"""
+
 slice_view = st.components.v2.component("tomoforge_slice_view", css=VIEW_CSS, js=VIEW_JS)
+slice_values = st.components.v2.component("tomoforge_slice_values", js=VALUES_JS)
 slice_cursor = st.components.v2.component("tomoforge_slice_cursor", js=CURSOR_JS)
 
 PLANE_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
@@ -640,11 +661,12 @@ def legend(values: list[int], colors: dict[int, tuple[int, int, int]]) -> None:
     st.html(f"<div>Labels: {chips}{html.escape(more)}</div>")
 
 
-def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> bytes:
-    """One view, rendered and packed for its browser side (cached per settings).
+def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> tuple[bytes, bytes]:
+    """One view, rendered and packed for its browser side, and its values (cached per settings).
 
     The same bytes for an unchanged view let Streamlit send a cache reference
-    instead of the image again when another view changes.
+    instead of the image again when another view changes. The values (for the
+    readout under the pointer) go in a second element, sent after every image.
     """
     pos = st.session_state[POS]
     index = pos[plane]
@@ -679,7 +701,7 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         shuffled = values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T.tobytes()
         packed_values = deflate(shuffled, 1)
         values_header = {
-            "key": f"{plane}:{index}:{options['token']}",
+            "key": f"{info.id}:{plane}:{index}:{options['token']}",
             "dtype": values.dtype.name,
             "bytes": len(packed_values),
         }
@@ -719,7 +741,11 @@ def view_payload(plane: str, options: dict[str, Any], hover_values: bool) -> byt
         "values": values_header,
     }
     head = json.dumps(header).encode()
-    payload = b"TFV1" + struct.pack("<I", len(head)) + head + png + packed_values
+    values_head = json.dumps({"key": values_header["key"] if values_header else ""}).encode()
+    payload = (
+        b"TFV1" + struct.pack("<I", len(head)) + head + png,
+        b"TFVV" + struct.pack("<I", len(values_head)) + values_head + packed_values if values_header else b"",
+    )
     cache[key] = payload
     while len(cache) > CACHE_SIZE:
         cache.popitem(last=False)
@@ -938,6 +964,7 @@ def viewer() -> None:
     }
 
     columns = st.columns(len(planes))
+    values_payloads: dict[str, bytes] = {}
     for column, plane in zip(columns, planes):
         with column:
             count = n_slices(volume, plane)
@@ -954,7 +981,7 @@ def viewer() -> None:
             else:
                 st.caption(f"{PLANE_TITLES[plane]}: a single slice")
             try:
-                payload = view_payload(plane, options, hover_values=True)
+                payload, values_payloads[plane] = view_payload(plane, options, hover_values=True)
             except CoreError as err:
                 show_error(err.message)
                 continue
@@ -967,6 +994,8 @@ def viewer() -> None:
             )
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
     slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
+    for plane, values_payload in values_payloads.items():  # after every image: those paint first
+        slice_values(key=f"values_{plane}", data=values_payload, height=0)
     st.caption(VIEW_HELP if volume.is_rgb else f"{VIEW_HELP} · right- or shift-drag: window and level")
     try:
         st.markdown(f"**Crosshair:** {plain(readout(volume, ijk, frame=frame).text())}")

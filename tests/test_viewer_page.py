@@ -57,6 +57,8 @@ def views(at: AppTest) -> dict[str, tuple[dict, np.ndarray]]:
         if proto.WhichOneof("data") != "bytes":
             continue  # the cursor component carries JSON
         payload = proto.bytes
+        if payload[:4] == b"TFVV":
+            continue  # a view's values, sent after the images
         assert payload[:4] == b"TFV1"
         (length,) = struct.unpack("<I", payload[4:8])
         header = json.loads(payload[8 : 8 + length])
@@ -295,3 +297,19 @@ def test_a_unit_from_the_header_is_escaped_in_html() -> None:
     [caption] = [str(h.proto.body) for h in at.get("html") if " to " in str(h.proto.body)]
     assert "&lt;i&gt;B&amp;Q&lt;/i&gt;" in caption
     assert "<i>" not in caption and "B&Q" not in caption
+
+
+def test_the_values_of_each_view_come_after_every_image() -> None:
+    """A slow link paints the three images first; each view's values (for the readout) follow."""
+    at = open_viewer()
+    kinds, value_keys = [], []
+    for element in at.get("bidi_component"):
+        if element.proto.WhichOneof("data") != "bytes":
+            continue
+        payload = element.proto.bytes
+        kinds.append(payload[:4])
+        if payload[:4] == b"TFVV":
+            (length,) = struct.unpack("<I", payload[4:8])
+            value_keys.append(json.loads(payload[8 : 8 + length])["key"])
+    assert kinds == [b"TFV1"] * 3 + [b"TFVV"] * 3
+    assert sorted(value_keys) == sorted(header["values"]["key"] for header, _ in views(at).values())
