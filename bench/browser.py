@@ -75,8 +75,14 @@ class BrowserResult:
         return statistics.median(self.seconds) if self.seconds else None
 
 
-def measure_slider_paint(steps: int, warmup: int = 2, log: Path | None = None) -> BrowserResult:
+def measure_slider_paint(
+    steps: int, warmup: int = 2, log: Path | None = None, *, throttle: tuple[float, float] | None = None
+) -> BrowserResult:
     """Start the app, open the sample, move the axial slider ``warmup + steps`` times.
+
+    ``throttle`` = (Mbit/s, latency in ms) slows the page's network, the websocket
+    included, with Chromium's DevTools emulation once the view is open: what a user
+    far from the server sees.
 
     Returns
     -------
@@ -112,6 +118,12 @@ def measure_slider_paint(steps: int, warmup: int = 2, log: Path | None = None) -
                 image = page.locator(VIEW_IMAGE)
                 image.wait_for(timeout=60_000)
                 page.wait_for_selector(IDLE, timeout=60_000)
+                if throttle is not None:
+                    cdp = page.context.new_cdp_session(page)
+                    cdp.send("Network.enable")
+                    rate = throttle[0] * 1e6 / 8  # bytes per second
+                    conditions = {"offline": False, "latency": throttle[1], "downloadThroughput": rate}
+                    cdp.send("Network.emulateNetworkConditions", {**conditions, "uploadThroughput": rate})
                 slider = page.get_by_role("slider", name="Axial slice")
                 slider.focus()
                 image.evaluate(_INSTRUMENT)

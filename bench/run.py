@@ -45,6 +45,8 @@ from bench.measure import REPO, Run, TaskFailed, machine_info, median, paired_ra
 from bench.phantom import phantom_volume, series_volume, write_ct_series, zip_folder
 
 DCM2NIIX = str(Path(sys.executable).with_name("dcm2niix"))
+# A user far from the server: 10 Mbit/s down and up, 20 ms latency (an informative row, no target).
+SLOW_LINK = (10.0, 20.0)
 VIEW_TARGET_TOOL = "axial: render_view + PNG level 1 + hover values (what the viewer sends)"
 
 
@@ -415,6 +417,11 @@ def _run(
     browser = measure_slider_paint(size.browser_steps, size.browser_warmup, log=work / "streamlit.log")
     if browser.error:
         _log(f"  n/a: {browser.error}")
+    browser_slow = measure_slider_paint(
+        size.browser_steps, size.browser_warmup, log=work / "streamlit-slow.log", throttle=SLOW_LINK
+    )
+    if browser_slow.error:
+        _log(f"  n/a over a slow link: {browser_slow.error}")
 
     # ---- scale check
     _log(f"scale check: {size.scale_slices} slices")
@@ -459,6 +466,7 @@ def _run(
         render=render,
         render_error=render_error,
         browser=browser,
+        browser_slow=browser_slow,
         scale=scale,
         scale_run=scale_run,
         scale_error=scale_error,
@@ -485,6 +493,7 @@ def _report(
     render: dict[str, list[float]],
     render_error: str,
     browser: Any,
+    browser_slow: Any,
     scale: dict[str, Any],
     scale_run: Run | None,
     scale_error: str,
@@ -521,14 +530,18 @@ def _report(
             )
             tool = VIEW_TARGET_TOOL if plane == "axial" else f"{plane}: render + PNG + hover values"
             rows.append(info_row("View render", tool, _time_text(render_medians.get(f"{plane}_payload")), n_render))
-    browser_tool = "headless Chromium, app's sample 256x256x120, axial slider +1"
-    if browser.error:
-        rows.append(info_row("Slider -> painted image", browser_tool, f"n/a ({browser.error})", 0))
-    else:
-        seconds = browser.seconds
+    slow_tool = f"the same over {SLOW_LINK[0]:g} Mbit/s, {SLOW_LINK[1]:g} ms latency (DevTools throttling)"
+    for tool, result in (
+        ("headless Chromium, app's sample 256x256x120, axial slider +1", browser),
+        (slow_tool, browser_slow),
+    ):
+        if result.error:
+            rows.append(info_row("Slider -> painted image", tool, f"n/a ({result.error})", 0))
+            continue
+        seconds = result.seconds
         spread = f"min {min(seconds) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms" if seconds else ""
-        notes = "; ".join([spread, *browser.notes])
-        rows.append(info_row("Slider -> painted image", browser_tool, _time_text(browser.median), len(seconds), notes))
+        notes = "; ".join([spread, *result.notes])
+        rows.append(info_row("Slider -> painted image", tool, _time_text(result.median), len(seconds), notes))
 
     # ---- targets
     targets: list[list[str]] = []
@@ -687,6 +700,7 @@ def _report(
         "render": render,
         "render_error": render_error,
         "browser": {"seconds": browser.seconds, "error": browser.error, "notes": browser.notes},
+        "browser_slow_link": {"seconds": browser_slow.seconds, "error": browser_slow.error, "link": SLOW_LINK},
         "scale": scale,
         "scale_error": scale_error,
         "targets": [{"target": t[0], "measured": t[1], "result": t[2]} for t in targets],

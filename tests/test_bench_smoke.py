@@ -48,6 +48,7 @@ REFERENCE_ROWS = [
     ("Bone >= 300 HU -> binary STL", "scikit-image marching_cubes + numpy-stl"),
     ("View render", "axial: render_view + PNG level 1 + hover values (what the viewer sends)"),
     ("Slider -> painted image", "headless Chromium"),
+    ("Slider -> painted image", "the same over 10 Mbit/s"),
 ]
 TARGETS = [
     "Series load <= 1.0x dcm2niix -z n",
