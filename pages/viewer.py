@@ -4,9 +4,11 @@ The views are drawn by a small Streamlit component (``st.components.v2``): the
 server renders each view to a PNG with :func:`core.render.render_view`, and the
 browser shows it with the crosshair, the orientation letters and a readout of
 the value, RAS position and voxel under the mouse, all computed in the browser
-from the slice's values and the affine sent beside the image. A click sends
-the pixel back and the other planes move there. (A Plotly image cannot report
-a click position to Streamlit, hence the component.)
+from the slice's values (sent in a second element after every image, so images
+paint first) and the affine. A click sends the pixel back and the other planes
+move there; a right- or shift-drag sets window and level (previewed in the
+browser); ctrl+wheel zooms and ctrl-drag pans. (A Plotly image cannot report a
+click position to Streamlit, hence the component.)
 
 Everything under the title runs in one ``st.fragment``: moving a slider or
 changing the window reruns only the viewer, never the rest of the app.
