@@ -19,11 +19,11 @@ import io
 import mmap
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, TypeAlias, cast
+from typing import Any, BinaryIO, TypeAlias, TypeVar, cast
 
 from isal import isal_zlib
 
@@ -45,6 +45,8 @@ DEFAULT_LIMITS = Limits()
 
 
 SourceData: TypeAlias = bytes | mmap.mmap
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, eq=False)
@@ -260,14 +262,19 @@ def _zip_members(source: Source, limits: Limits) -> list[Source]:
 
     # Inflating is most of an upload's scan time, and isal releases the GIL: a few threads share it.
     # Only our own inflating runs in threads; members zipfile reads (bzip2, LZMA) are read one by one.
-    threads = min(_READ_THREADS, len(wanted))
     ours = all(info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for info, _ in wanted)
-    if ours and threads > 1 and sum(info.compress_size for info, _ in wanted) >= _THREADED_INFLATE_BYTES:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inflate") as pool:
-            found = list(pool.map(read, wanted))
-    else:
-        found = [read(item) for item in wanted]
+    threaded = ours and sum(info.compress_size for info, _ in wanted) >= _THREADED_INFLATE_BYTES
+    found = _map_in_threads(read, wanted, "inflate") if threaded else [read(item) for item in wanted]
     return [member for member in found if member is not None]
+
+
+def _map_in_threads(function: Callable[[T], R], items: Sequence[T], name: str) -> list[R]:
+    """``[function(item) for item in items]`` in up to ``_READ_THREADS`` threads, in order (the first error raised)."""
+    threads = min(_READ_THREADS, len(items))
+    if threads < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) as pool:
+        return list(pool.map(function, items))
 
 
 def _inflate(source: Source, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -362,14 +369,9 @@ def read_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Source]:
         _map_file(path) if path is not None and index < budget else None for index, (_, path) in enumerate(entries)
     ]
     unread = [(index, path) for index, (_, path) in enumerate(entries) if path is not None and contents[index] is None]
-    threads = min(_READ_THREADS, len(unread))
-    if threads > 1:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-paths") as pool:
-            read = list(pool.map(lambda item: item[1].read_bytes(), unread))
-    else:
-        read = [path.read_bytes() for _, path in unread]
-    for (index, _), data in zip(unread, read, strict=True):
-        contents[index] = data
+    read = _map_in_threads(lambda item: item[1].read_bytes(), unread, "read-paths")
+    for (index, _), content in zip(unread, read, strict=True):
+        contents[index] = content
     sources: list[Source] = []
     for (name, _), data in zip(entries, contents, strict=True):
         if data is None:

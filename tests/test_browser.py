@@ -48,6 +48,21 @@ def wait_for_app_idle(page) -> None:
     page.wait_for_selector(IDLE, timeout=60_000)
 
 
+def open_sample_view(browser, app_url: str, **page_options):  # noqa: ANN001, ANN201
+    """A new page with the sample open on the View page (reached inside the session: a fresh URL
+    would start a new session without the scan); returns the page and the axial view's image."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, **page_options)
+    page.goto(app_url)
+    wait_for_app_idle(page)
+    page.get_by_role("button", name="Open sample scan").click()
+    page.get_by_text("1 series found").wait_for(timeout=60_000)
+    page.get_by_role("link", name="View").click()
+    image = page.locator("img[alt='Axial view']")
+    image.wait_for(timeout=60_000)
+    wait_for_app_idle(page)
+    return page, image
+
+
 def wait_for_values(page, image) -> None:  # noqa: ANN001
     """Point at the view until its readout shows a value: the slice's values arrive after the image."""
     box = image.bounding_box()
@@ -77,16 +92,7 @@ def test_open_sample_scan_shows_the_series_table(app_url: str, browser, tmp_path
 
 
 def test_viewer_slider_changes_the_painted_image(app_url: str, browser, tmp_path) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url)
-    wait_for_app_idle(page)
-    page.get_by_role("button", name="Open sample scan").click()
-    page.get_by_text("1 series found").wait_for(timeout=60_000)
-    # Navigate inside the session (a fresh URL would start a new session without the scan).
-    page.get_by_role("link", name="View").click()
-    image = page.locator("img[alt='Axial view']")
-    image.wait_for(timeout=60_000)
-    wait_for_app_idle(page)
+    page, image = open_sample_view(browser, app_url)
     before_slice = image.get_attribute("data-slice")
     before_src = image.get_attribute("src")
     slider = page.get_by_role("slider", name="Axial slice")
@@ -169,15 +175,7 @@ def test_dragging_on_a_view_sets_window_and_level(app_url: str, browser, tmp_pat
     """Shift-drag right widens the window (x2 per 200 px), down raises the center (a window per
     200 px); the grey preview shows while dragging, every view gets the window on release, and the
     drag does not move the crosshair as a click would."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url)
-    wait_for_app_idle(page)
-    page.get_by_role("button", name="Open sample scan").click()
-    page.get_by_text("1 series found").wait_for(timeout=60_000)
-    page.get_by_role("link", name="View").click()
-    image = page.locator("img[alt='Axial view']")
-    image.wait_for(timeout=60_000)
-    wait_for_app_idle(page)
+    page, image = open_sample_view(browser, app_url)
     center0 = float(page.get_by_label("Center").input_value())
     width0 = float(page.get_by_label("Width").input_value())
     slices0 = [page.get_by_role("slider", name=f"{p} slice").input_value() for p in PLANES]
@@ -243,15 +241,7 @@ def test_the_drag_preview_windows_like_the_server(browser) -> None:
 
 
 def test_zoom_and_pan_keep_the_readout_on_the_pointed_voxel(app_url: str, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url)
-    wait_for_app_idle(page)
-    page.get_by_role("button", name="Open sample scan").click()
-    page.get_by_text("1 series found").wait_for(timeout=60_000)
-    page.get_by_role("link", name="View").click()
-    image = page.locator("img[alt='Axial view']")
-    image.wait_for(timeout=60_000)
-    wait_for_app_idle(page)
+    page, image = open_sample_view(browser, app_url)
     wait_for_values(page, image)
     readout = page.locator(".st-key-view_axial .tf-readout")
     before = image.bounding_box()
@@ -290,15 +280,7 @@ def test_zoom_and_pan_keep_the_readout_on_the_pointed_voxel(app_url: str, browse
 def test_the_drag_preview_keeps_the_colour_map(app_url: str, browser) -> None:
     from core.windowing import colormap_lut
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url)
-    wait_for_app_idle(page)
-    page.get_by_role("button", name="Open sample scan").click()
-    page.get_by_text("1 series found").wait_for(timeout=60_000)
-    page.get_by_role("link", name="View").click()
-    image = page.locator("img[alt='Axial view']")
-    image.wait_for(timeout=60_000)
-    wait_for_app_idle(page)
+    page, image = open_sample_view(browser, app_url)
     page.get_by_role("combobox", name="Colormap").click()
     page.get_by_role("option", name="hot").click()
     wait_for_app_idle(page)
@@ -328,14 +310,7 @@ def test_the_zip_of_a_plane_downloads_with_every_slice(app_url: str, browser, tm
     import io
     import zipfile
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    page.goto(app_url)
-    wait_for_app_idle(page)
-    page.get_by_role("button", name="Open sample scan").click()
-    page.get_by_text("1 series found").wait_for(timeout=60_000)
-    page.get_by_role("link", name="View").click()
-    page.locator("img[alt='Axial view']").wait_for(timeout=60_000)
-    wait_for_app_idle(page)
+    page, image = open_sample_view(browser, app_url, accept_downloads=True)
     button = page.get_by_role("button", name="All 120 axial slices (zip)")
     with page.expect_download(timeout=120_000) as download:
         button.click()
