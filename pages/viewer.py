@@ -995,9 +995,11 @@ def viewer() -> None:
                 on_window_change=_callback(_window_dragged, plane),
             )
     ijk = (pos["sagittal"], pos["coronal"], pos["axial"])
-    slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
-    for plane, values_payload in values_payloads.items():  # after every image: those paint first
-        slice_values(key=f"values_{plane}", data=values_payload, height=0)
+    # Elements without a view of their own, in one gapless container: one gap on the page, not four.
+    with st.container(gap=None):
+        slice_cursor(key="view_cursor", data={"series": info.id, "ijk": list(ijk), "show": bool(show_cross)}, height=0)
+        for plane, values_payload in values_payloads.items():  # after every image: those paint first
+            slice_values(key=f"values_{plane}", data=values_payload, height=0)
     st.caption(VIEW_HELP if volume.is_rgb else f"{VIEW_HELP} · right- or shift-drag: window and level")
     try:
         st.markdown(f"**Crosshair:** {plain(readout(volume, ijk, frame=frame).text())}")
