@@ -58,7 +58,6 @@ from core.dicom_headers import read_dataset_bytes
 from core.errors import CoreError, UnsupportedFileError
 from core.series import Problem
 from core.sources import Source, SourceData
-from core.worker import run_in_worker
 
 # ---------------------------------------------------------------------------
 # Table E.1-1, Basic Profile column (PS3.15 2024b). One attribute per line:
@@ -1503,25 +1502,12 @@ def is_known_private_creator(creator: str) -> bool:
 def deidentified_zip(
     sources: Iterable[Source], *, date_shift_days: int | None = None, allow_burned_in: bool = False
 ) -> bytes:
-    """:func:`deidentify_sources` and :func:`zip_export` in one call: the job the Headers page runs in a worker."""
-    return zip_export(deidentify_sources(sources, date_shift_days=date_shift_days, allow_burned_in=allow_burned_in))
+    """:func:`deidentify_sources` and :func:`zip_export` in one call: the job the Headers page runs in a worker.
 
-
-def deidentified_zip_in_worker(
-    sources: Sequence[Source], *, date_shift_days: int | None = None, allow_burned_in: bool = False
-) -> bytes:
-    """:func:`deidentified_zip` in a worker process (:mod:`core.worker`), with its limits.
-
-    De-identifying is seconds of pure-Python work for a large series: in the server
-    it would hold the interpreter lock that every session shares.
+    In the server, seconds of pure-Python work for a large series would hold the
+    interpreter lock every session shares.
     """
-    return run_in_worker(
-        deidentified_zip,
-        list(sources),
-        date_shift_days=date_shift_days,
-        allow_burned_in=allow_burned_in,
-        what="de-identified DICOM export",
-    )
+    return zip_export(deidentify_sources(sources, date_shift_days=date_shift_days, allow_burned_in=allow_burned_in))
 
 
 def zip_export(export: DeidentifiedExport) -> bytes:

@@ -43,7 +43,6 @@ from core.deidentify import deidentify_datasets, is_identifying_element, safe_de
 from core.dicom_headers import read_header
 from core.format_nifti import form_gap_mm
 from core.sources import Source
-from core.worker import run_in_worker
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
@@ -469,16 +468,11 @@ def datasets_to_json(datasets: Sequence[Dataset], *, bulk_data_threshold: int = 
 def files_headers_json(files: Sequence[Source], *, deidentify: bool) -> bytes:
     """:func:`datasets_to_json` of each DICOM file's header (no pixel data), de-identified when asked.
 
-    Read from the files rather than taken as parsed Datasets so that a worker can do
-    it from the bytes alone (:func:`files_headers_json_in_worker`).
+    Read from the files rather than taken as parsed Datasets so that a worker process
+    can do it from the bytes alone (the Headers page runs it in one).
     """
     headers = [read_header(item) for item in files]
     return datasets_to_json(deidentify_datasets(headers) if deidentify else headers)
-
-
-def files_headers_json_in_worker(files: Sequence[Source], *, deidentify: bool) -> bytes:
-    """:func:`files_headers_json` in a worker: thousands of headers are seconds of pure-Python work."""
-    return run_in_worker(files_headers_json, list(files), deidentify=deidentify, what="header export")
 
 
 # --- NIfTI, Analyze, NRRD, MetaImage -------------------------------------------------------------

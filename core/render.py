@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -48,7 +48,6 @@ from core.errors import CoreError
 from core.series import Window
 from core.volume import Volume
 from core.windowing import apply_window, colormap_lut, display_lut, is_lut_dtype, lut_index
-from core.worker import run_in_worker
 
 __all__ = [
     "PLANES",
@@ -67,7 +66,6 @@ __all__ = [
     "linked_indices",
     "n_slices",
     "plane_zip",
-    "plane_zip_in_worker",
     "readout",
     "render_view",
     "sample_labels",
@@ -927,13 +925,3 @@ def plane_zip(
             if progress is not None:
                 progress((index + 1) / count)
     return buffer.getvalue()
-
-
-def plane_zip_in_worker(volume: Volume, plane: str, window: Window, **view_options: object) -> bytes:
-    """:func:`plane_zip` in a worker process (:mod:`core.worker`).
-
-    Hundreds of renders and PNG encodes are seconds of CPU; in the server they would
-    hold the interpreter lock every session shares.
-    """
-    options: dict[str, Any] = dict(view_options)  # render_view's options, never run_in_worker's own
-    return run_in_worker(plane_zip, volume, plane, window, what=f"all {plane} slices", **options)

@@ -20,13 +20,14 @@ import streamlit as st
 from core import header as hdr
 from core.deidentify import (
     burned_in_annotation_reason,
-    deidentified_zip_in_worker,
+    deidentified_zip,
     deidentify_datasets,
     is_known_private_creator,
     masked,
 )
 from core.names import with_token
 from core.sources import Source
+from core.worker import run_in_worker
 from pages.common import UPLOAD_KEY, current_series, show_error, show_warning
 
 st.title("Headers")
@@ -186,7 +187,7 @@ def dicom_view() -> None:
 
         def build_json() -> bytes:
             if series.info.kind == "dicom" and len(series.files) == len(headers):  # each header is its file's
-                return hdr.files_headers_json_in_worker(series.files, deidentify=clean)
+                return run_in_worker(hdr.files_headers_json, list(series.files), deidentify=clean, what="header export")
             chosen = deidentify_datasets(headers) if clean else headers
             return hdr.datasets_to_json(chosen)
 
@@ -236,7 +237,9 @@ def dicom_download() -> None:
     days = int(st.number_input("Shift by (days)", value=-365, step=1, key="headers_shift_days")) if shift else None
 
     def build_zip() -> bytes:
-        return deidentified_zip_in_worker(sources, date_shift_days=days, allow_burned_in=confirmed)
+        return run_in_worker(
+            deidentified_zip, sources, date_shift_days=days, allow_burned_in=confirmed, what="de-identified export"
+        )
 
     st.download_button(
         "Download DICOM zip",

@@ -46,7 +46,7 @@ from core.render import (
     label_colors,
     linked_indices,
     n_slices,
-    plane_zip_in_worker,
+    plane_zip,
     readout,
     render_view,
     screen_to_voxel,
@@ -802,7 +802,8 @@ def download_buttons(plane: str, options: dict[str, Any]) -> None:
         return encode_png(render_view(target, plane, index, window, **render_options), compress_level=6)
 
     def zipped() -> bytes:
-        return plane_zip_in_worker(target, plane, window, **render_options)
+        # Hundreds of renders and PNG encodes: seconds of CPU that would hold the server's interpreter lock.
+        return run_in_worker(plane_zip, target, plane, window, what=f"all {plane} slices", **render_options)
 
     name = view_file_name(plane, index, window, frame=frame, slab=render_options["slab"], suffix=suffix)
     left, right = st.columns(2)

@@ -583,6 +583,7 @@ def test_zip_of_a_scanned_series_from_its_headers(study) -> None:
 
 def test_the_headers_page_export_runs_in_a_worker_and_passes_every_privacy_check(monkeypatch) -> None:  # noqa: ANN001
     import core.deidentify
+    from core.worker import run_in_worker
 
     study = make_phi_study(n_series=2, n_slices=3)
 
@@ -590,7 +591,7 @@ def test_the_headers_page_export_runs_in_a_worker_and_passes_every_privacy_check
         raise AssertionError("de-identification ran in the server process")
 
     monkeypatch.setattr(core.deidentify, "deidentify_sources", tripwire)  # the worker has its own copy
-    data = core.deidentify.deidentified_zip_in_worker(study.sources, date_shift_days=-10)
+    data = run_in_worker(core.deidentify.deidentified_zip, study.sources, date_shift_days=-10)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
     by_folder = check_export(files, study)

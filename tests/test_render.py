@@ -519,8 +519,9 @@ def test_each_label_gets_its_own_colour() -> None:
 
 def test_all_slices_of_a_plane_zip_in_a_worker_equal_the_zip_made_here(monkeypatch) -> None:  # noqa: ANN001
     import core.render
-    from core.render import plane_zip, plane_zip_in_worker
+    from core.render import plane_zip
     from core.sample import make_sample_ct
+    from core.worker import run_in_worker
 
     volume = make_sample_ct((48, 40, 12))
     expected = plane_zip(volume, "coronal", Window(40.0, 400.0), radiological=False, colormap="hot")
@@ -529,4 +530,6 @@ def test_all_slices_of_a_plane_zip_in_a_worker_equal_the_zip_made_here(monkeypat
         raise AssertionError("rendered in the server process")
 
     monkeypatch.setattr(core.render, "render_view", tripwire)  # the worker has its own copy
-    assert plane_zip_in_worker(volume, "coronal", Window(40.0, 400.0), radiological=False, colormap="hot") == expected
+    assert (
+        run_in_worker(plane_zip, volume, "coronal", Window(40.0, 400.0), radiological=False, colormap="hot") == expected
+    )
