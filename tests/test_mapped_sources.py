@@ -42,18 +42,10 @@ def test_dicom_files_are_mapped_and_other_files_read(ct_folder: Path, tmp_path: 
     small.write_bytes(next(ct_folder.iterdir()).read_bytes()[:2000])  # DICM, but below the size worth a map
     text = tmp_path / "notes.txt"
     text.write_bytes(b"x" * 200_000)
-    sources = read_paths([ct_folder, small, text])
-    kinds = {s.basename: type(s.data) for s in sources}
-    assert [kinds[p.name] for p in sorted(ct_folder.iterdir())] == [mmap.mmap] * 40
-    assert kinds["small.dcm"] is bytes
-    assert kinds["notes.txt"] is bytes
-    for source in sources:
-        assert (
-            source.as_bytes()
-            == (
-                ct_folder / source.basename if source.basename.startswith("IM") else tmp_path / source.basename
-            ).read_bytes()
-        )
+    paths = [*sorted(ct_folder.iterdir()), small, text]
+    sources = read_paths(paths)  # files, in this order
+    assert [type(s.data) for s in sources] == [mmap.mmap] * 40 + [bytes, bytes]
+    assert [s.as_bytes() for s in sources] == [path.read_bytes() for path in paths]
 
 
 def test_a_mapped_series_loads_like_its_bytes(ct_folder: Path) -> None:
